@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from export.onnx_export import CONFIG_NAME, PARITY_NAME, UNSAFE_PROB_NOT_COMPUTED, export_onnx
-from export.onnx_parity import LOGITS_TOLERANCE, PARITY_NEW_TOKENS, PROB_TOLERANCE
+from export.onnx_parity import LOGITS_TOLERANCE, PARITY_NEW_TOKENS, PROB_TOLERANCE, default_parity_cases
 from export.onnx_runtime import OnnxVlm
 from patcher.modeling_sasa import SasaSettings
 from patcher.patching import patch_model
@@ -191,3 +191,17 @@ def test_embedded_model_export_parity(tmp_path, name):
     assert parity["passed"], parity["worst"]
     assert len(parity["cases"]) == 3 and all(case["tokens_identical"] for case in parity["cases"])
     assert parity["worst"]["unsafe_prob_max_abs_diff"] <= PROB_TOLERANCE
+
+    # Why the logits tolerance is relative on this model: ONNX Runtime's fp32 error is of the size of
+    # PyTorch's own fp32 error against float64 arithmetic (30 layers, |logit| ~ 40). Measured here so
+    # the relative tolerance stays justified: ORT may not drift further than twice PyTorch's own error.
+    text_case = next(case for case in default_parity_cases(model, loaded.processor, tuple(summary["image_size"]))
+                     if case["name"] == "text-batch1")
+    batch = {key: value for key, value in text_case.items() if key != "name"}
+    with torch.no_grad():
+        fp32 = model(**batch).logits
+        fp64 = model.double()(**batch).logits.float()
+    own_error = (fp32 - fp64).abs().max().item()
+    onnx_error = next(case for case in parity["cases"] if case["name"] == "text-batch1")["logits_max_abs_diff"]
+    print(f"text-batch1 logits: PyTorch fp32 vs fp64 {own_error:.3g}, ONNX Runtime vs PyTorch fp32 {onnx_error:.3g}")
+    assert onnx_error <= 2 * own_error
