@@ -304,6 +304,9 @@ class SasaMixin:
             cache = SasaCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
         prefill = past_length == 0
+        if output_sasa_features and not prefill:
+            # The uncached streams the features need would see only the new tokens, not the prompt.
+            raise ValueError("output_sasa_features reads a prompt: call it without past_key_values (a fresh cache)")
 
         embeds = self.sasa_input_embeddings(input_ids, inputs_embeds, multimodal)
         batch, seq_len = embeds.shape[:2]

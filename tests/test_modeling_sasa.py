@@ -180,3 +180,14 @@ def test_plain_cache_is_refused(family):
     _, model = patched(family)
     with pytest.raises(TypeError, match="SasaCache"):
         model(**family.make_batch([5], [False]), past_key_values=DynamicCache())
+
+
+@pytest.mark.parametrize("mode", ["gate", "augment"])
+def test_features_at_a_decode_step_are_refused(family, mode):
+    _, model = patched(family, mode=mode)
+    batch = family.make_batch([5], [False])
+    with torch.no_grad():
+        cache = model(**batch).past_key_values
+        step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+        with pytest.raises(ValueError, match="without past_key_values"):
+            model(**step, past_key_values=cache, output_sasa_features=True)
