@@ -210,11 +210,19 @@ class DecoderGraph(nn.Module):
     keys/values of `cache_names(model, "past")` as [B, kv_heads, P, head_dim].
     Outputs: logits [B, T, V], unsafe_prob [B], then `present.*` as [B, kv_heads, P+T, head_dim].
     `unsafe_prob` is the probe on the chunk's last non-pad token when P == 0 (the prompt), else -1.
+
+    `probe=False` (gate mode only) leaves the probe out: `unsafe_prob` is always -1 and the graph serves
+    the original stream alone, i.e. it computes exactly the unpatched model's decoder. It is the
+    baseline `scripts/bench.py` times the patched graphs against, through the same exporter.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, probe: bool = True):
         super().__init__()
+        if not probe and model.sasa.mode != "gate":
+            raise ValueError("probe=False exports the unpatched decoder, which needs gate mode "
+                             f"(mode {model.sasa.mode!r} serves the projected stream)")
         self.model = model
+        self.probe = probe
         self.layers = cache_layers(model)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor]):
@@ -252,7 +260,10 @@ class DecoderGraph(nn.Module):
         def not_computed(h_s, h_f):
             return torch.full((h_s.shape[0],), UNSAFE_PROB_NOT_COMPUTED, dtype=torch.float32, device=h_s.device)
 
-        unsafe_prob = torch.cond(past_length == 0, prompt_probe, not_computed, (per_layer[s], per_layer[f]))
+        if self.probe:
+            unsafe_prob = torch.cond(past_length == 0, prompt_probe, not_computed, (per_layer[s], per_layer[f]))
+        else:
+            unsafe_prob = not_computed(per_layer[s], per_layer[f])
         presents = []
         for stream, layers in self.layers.items():
             source = cache if stream == "original" else cache.projected
@@ -301,8 +312,10 @@ def decoder_example(model, batch: int = 2, past: int = 3, chunk: int = 4) -> tup
     return embeds, mask, positions.contiguous(), cache
 
 
-def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, probe: bool = True) -> None:
     """torch.export (non-strict, every varying axis `Dim.DYNAMIC`), then the dynamo ONNX translation.
+
+    `probe=False`: the unpatched model's decoder with the same interface (see `DecoderGraph`).
 
     Named `Dim`s (or axis-name strings given to torch.onnx.export) fail the non-strict export: the
     guard "mask length >= chunk length" is not expressible, so the axes get their names afterwards.
@@ -316,7 +329,7 @@ def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) 
         "position_ids": {1: dynamic, 2: dynamic} if _is_qwen(model) else {0: dynamic, 1: dynamic},
         "past": [{0: dynamic, 2: dynamic} for _ in past_names],
     }
-    wrapper = DecoderGraph(model).eval()
+    wrapper = DecoderGraph(model, probe=probe).eval()
     with torch.no_grad():
         program = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes, strict=False)
         onnx_program = torch.onnx.export(

@@ -57,6 +57,22 @@ def reset_peak() -> bool:
         return False
 
 
+def memory_snapshot() -> dict[str, int]:
+    """The peak since the last reset, and what is resident now, split into private and mapped-file pages."""
+    return {"peak_rss": peak_rss_bytes(), "rss_after": current_rss_bytes(),
+            "anon_after": current_rss_bytes("RssAnon"), "file_after": current_rss_bytes("RssFile")}
+
+
+def weight_bytes(directory: Path) -> int | None:
+    """Bytes of the base checkpoint's safetensors tensors (None when it has no safetensors weights)."""
+    from export.checkpoint import base_weight_files
+
+    base = base_weight_files(directory)
+    if base is None:
+        return None
+    return sum(entry["data_offsets"][1] - entry["data_offsets"][0] for _, entry in base.tensors.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smol-qwen-vl")
@@ -71,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from export.atomic import atomic_output_dir
-    from export.checkpoint import base_weight_files, write_safetensors_artifact
+    from export.checkpoint import write_safetensors_artifact
     from export.model_card import CardInfo
     from patcher.loading import load_model, resolve_model
     from patcher.modeling_sasa import SasaSettings
@@ -82,14 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     baseline = current_rss_bytes()
 
     def stage(name: str, started: float) -> None:
-        stages[name] = {"peak_rss": peak_rss_bytes(), "rss_after": current_rss_bytes(),
-                        "anon_after": current_rss_bytes("RssAnon"), "file_after": current_rss_bytes("RssFile"),
-                        "seconds": round(time.perf_counter() - started, 2)}
+        stages[name] = {**memory_snapshot(), "seconds": round(time.perf_counter() - started, 2)}
         reset_peak()
 
     directory = resolve_model(args.model)
-    base = base_weight_files(directory)
-    weight_bytes = sum(entry["data_offsets"][1] - entry["data_offsets"][0] for _, entry in base.tensors.values())
+    weights = weight_bytes(directory)
+    if weights is None:
+        parser.error(f"{directory} has no safetensors weights to measure against")
 
     started = time.perf_counter()
     loaded = load_model(args.model, dtype="auto", device="cpu")
@@ -113,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": args.model,
         "transformers": transformers.__version__,
-        "weight_bytes": weight_bytes,
+        "weight_bytes": weights,
         "baseline_rss_after_imports": baseline,
         "peak_reset_per_stage": resettable,
         "stages": stages,
         "peak_rss": peak,
-        "peak_over_weights": round(peak / weight_bytes, 3),
-        "peak_minus_baseline_over_weights": round((peak - baseline) / weight_bytes, 3),
+        "peak_over_weights": round(peak / weights, 3),
+        "peak_minus_baseline_over_weights": round((peak - baseline) / weights, 3),
         "base_weights": summary["base_weights"],
         "verified_tensors": summary["verified"],
         "artifact": str(out),

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from export.atomic import atomic_output_dir, check_output_dir  # noqa: E402
@@ -26,8 +28,10 @@ from patcher.loading import (  # noqa: E402
     DEVICES,
     check_adapter,
     check_architecture,
+    check_device,
     load_model,
     resolve_model,
+    torch_dtype,
 )
 from patcher.modeling_sasa import (  # noqa: E402
     DEFAULT_REFUSAL,
@@ -110,6 +114,19 @@ def check_options(args: argparse.Namespace) -> None:
         log("no calibration: layers fall back to the default rule (two fifths of the depth, f = s + 2)")
 
 
+def check_onnx_options(args: argparse.Namespace, formats: list[str]) -> None:
+    """The ONNX graphs are float32 and traced on one device: say so before any work, not after calibration."""
+    if "onnx" not in formats:
+        return
+    dtype = torch_dtype(args.dtype, args.device)
+    if dtype != torch.float32:
+        raise UserInputError(f"the ONNX export is float32, but the model would load as {str(dtype).split('.')[-1]}: "
+                             "pass --dtype float32, or --format safetensors")
+    if args.device == "auto":
+        raise UserInputError("the ONNX export needs the whole model on one device: pass --device cpu or cuda, "
+                             "or --format safetensors")
+
+
 def initial_settings(args: argparse.Namespace, num_layers: int) -> SasaSettings:
     """Settings before calibration: given layers, or the fallback rule until localisation replaces them."""
     safety, semantic = default_layers(num_layers) if args.layers == "auto" else parse_layers(args.layers)
@@ -160,6 +177,8 @@ def run(args: argparse.Namespace) -> Path:
     check_output_dir(args.out, args.force)
     check_options(args)
     formats = parse_formats(args.format)
+    check_device(args.device)
+    check_onnx_options(args, formats)
     if args.adapter is not None:
         check_adapter(args.adapter)
     directory = resolve_model(args.model)
@@ -203,6 +222,9 @@ def run(args: argparse.Namespace) -> Path:
             from export.onnx_export import export_onnx
 
             mark = time.perf_counter()
+            if model.device.type != "cpu":
+                log("moving the model to the CPU for the ONNX export (traced and parity-checked there)")
+                model = model.to("cpu")
             export_onnx(model, loaded.processor, staging / "onnx", log=log)
             log(f"ONNX artifact written in {time.perf_counter() - mark:.1f}s; parity figures in onnx/parity.json")
     if args.push_to_hub:

@@ -127,3 +127,12 @@ def test_patch_embedded_model_end_to_end(tmp_path):
     loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.split() == ["SasaQwen2VLForConditionalGeneration", "(1,)"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp16"])
+def test_onnx_with_half_precision_exits_2_before_any_work(cli, capsys, tiny_dir, tmp_path, dtype):
+    out = tmp_path / "out"
+    code, err = run_main(cli, capsys, ["--model", str(tiny_dir), "--out", str(out), "--dtype", dtype,
+                                       "--calibration", "none"])
+    assert code == 2 and "float32" in err and "--format safetensors" in err
+    assert not out.exists()
