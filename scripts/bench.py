@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-patch-timing", action="store_true",
                         help="no calibration and no artifact export: latency and memory of load + patch only")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON here")
+    parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the report as markdown here")
     return parser
 
 
@@ -390,7 +391,17 @@ def format_table(rows: list[list[str]]) -> list[str]:
                       in enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]
 
 
+def markdown_table(rows: list[list[str]]) -> list[str]:
+    """The same rows as a GitHub markdown table (first row the header)."""
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    return [lines[0], "| " + " | ".join("---" for _ in rows[0]) + " |", *lines[1:]]
+
+
 def latency_lines(report: dict) -> list[str]:
+    return format_table(latency_rows(report))
+
+
+def latency_rows(report: dict) -> list[list[str]]:
     runtimes = report["runtimes"]
     header = ["measure", "floor"]
     for name, result in runtimes.items():
@@ -404,7 +415,7 @@ def latency_lines(report: dict) -> list[str]:
             entry = result[measure]
             row += [f"{entry['baseline_ms']:.1f}", f"{entry['patched_ms']:.1f}", f"{entry['ratio']:.3f}"]
         rows.append(row)
-    return format_table(rows)
+    return rows
 
 
 def patch_lines(report: dict) -> list[str]:
@@ -435,24 +446,36 @@ def memory_line(report: dict) -> str:
     return f"memory: peak RSS {peak / GIB:.2f} GiB over {memory['patch_stage_covers']} = {weights}"
 
 
-def format_report(report: dict) -> str:
+RATIO_NOTE = "ratio = patched / unpatched; floor = decoder-layer passes over L (work outside the layers not counted)"
+
+
+def heading_lines(report: dict) -> list[str]:
     layers, inputs = report["layers"], report["inputs"]
-    lines = [
+    return [
         f"SASA bench: {report['model']} on {report['device']} ({report['dtype']}), L={layers['num_layers']}, "
         f"s={layers['safety_layer']}, f={layers['semantic_layer']} ({layers['chosen_by']}), "
         f"probe on {layers['probe_features']}",
         f"batch {inputs['batch_size']}, prompt {inputs['prompt_tokens']} tokens, decode {inputs['decode_tokens']} "
         f"tokens; median of {inputs['repeats']} runs after {inputs['warmup']} warm-up; threads: {inputs['threads']}",
-        "",
-        *latency_lines(report),
-        "ratio = patched / unpatched; floor = decoder-layer passes over L (work outside the layers not counted)",
-        "",
-        *patch_lines(report),
-        memory_line(report),
-        f"wall time of this run: {report['wall_seconds']:.0f} s",
-        *contention_note(report),
     ]
+
+
+def closing_lines(report: dict) -> list[str]:
+    return [*patch_lines(report), memory_line(report), f"wall time of this run: {report['wall_seconds']:.0f} s",
+            *contention_note(report)]
+
+
+def format_report(report: dict) -> str:
+    lines = [*heading_lines(report), "", *latency_lines(report), RATIO_NOTE, "", *closing_lines(report)]
     return "\n".join(lines)
+
+
+def format_markdown(report: dict) -> str:
+    """The same report for a README: the latency table as markdown, the rest verbatim."""
+    heading = heading_lines(report)
+    lines = [f"**{heading[0]}**", "", heading[1], "", *markdown_table(latency_rows(report)), "", RATIO_NOTE, "",
+             "```text", *closing_lines(report), "```"]
+    return "\n".join(lines) + "\n"
 
 
 def contention_note(report: dict) -> list[str]:
@@ -479,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown is not None:
+        args.markdown.write_text(format_markdown(report))
     print(format_report(report))
     return 0
 

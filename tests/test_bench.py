@@ -186,9 +186,14 @@ def test_cli_json_schema(cli, capsys, tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
     code, stdout, _ = run_main(cli, capsys, ["--model", str(tiny_dir), "--runtimes", "pytorch", "--skip-patch-timing",
                                              "--prompt-tokens", "8", "--decode-tokens", "2", "--repeats", "1",
-                                             "--warmup", "0", "--threads", "1", "--json", str(out)])
+                                             "--warmup", "0", "--threads", "1", "--json", str(out),
+                                             "--markdown", str(tmp_path / "bench.md")])
     assert code == 0
     report = json.loads(out.read_text())
+    markdown = (tmp_path / "bench.md").read_text().splitlines()
+    table = [line for line in markdown if line.startswith("| ")]
+    assert table[0].startswith("| measure | floor | pytorch base ms |") and table[1].startswith("| --- |")
+    assert len(table) == 2 + len(MEASURES)
     assert {"model", "device", "dtype", "layers", "inputs", "runtimes", "patch_seconds", "patch",
             "peak_rss_over_weights", "memory", "machine", "versions", "wall_seconds"} <= report.keys()
     assert report["layers"] == {"num_layers": 6, "safety_layer": 2, "semantic_layer": 4, "chosen_by": "default rule",
