@@ -123,12 +123,12 @@ def encode_prompts(processor, prompts: Sequence) -> dict[str, torch.Tensor]:
     return {key: value for key, value in dict(batch).items() if value is not None}
 
 
-def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     parameter = model.get_input_embeddings().weight
     return parameter.device, parameter.dtype
 
 
-def _to_model(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def to_model(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     moved = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -139,7 +139,7 @@ def _to_model(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return moved
 
 
-def _length_order(prompts: Sequence) -> list[int]:
+def length_order(prompts: Sequence) -> list[int]:
     """Batch prompts of similar length together (less padding); image prompts grouped too."""
     return sorted(
         range(len(prompts)),
@@ -173,15 +173,15 @@ def extract_features(
     if not prompts:
         raise ValueError("no prompts to extract features from")
     model.eval()
-    device, dtype = _model_device_dtype(model)
+    device, dtype = model_device_dtype(model)
     count = len(prompts)
-    order = _length_order(prompts)
+    order = length_order(prompts)
     stored: dict[str, torch.Tensor] = {}
     bar = tqdm(total=count, desc=description, unit="prompt", disable=not progress, leave=False)
     try:
         for start in range(0, count, batch_size):
             rows = order[start : start + batch_size]
-            batch = _to_model(encode_prompts(processor, [prompts[i] for i in rows]), device, dtype)
+            batch = to_model(encode_prompts(processor, [prompts[i] for i in rows]), device, dtype)
             output = model(**batch, output_sasa_features=True, use_cache=False, logits_to_keep=1)
             found = output.sasa_features
             wanted = list(candidates) + ([LAYER_STATES] if layer_states else [])

@@ -53,13 +53,13 @@ import torch
 
 from probes.features import extract_features
 from probes.probe import cross_validate
+from probes.refusal import REFUSAL_OPENINGS
 
 SAFETY_C = 1e-2
 SAFETY_FRACTION = 0.9
 SEMANTIC_PLATEAU = 0.95
 SEMANTIC_MIN_Z = 3.0
 FALLBACK_GAP = 2
-REFUSAL_PHRASES: tuple[str, ...] = ("I'm sorry", "I cannot", "I can't", "Sorry", "I apologize", "Unfortunately")
 DEFAULT_MAX_PAIRS = 64
 DEFAULT_MAX_EXPRESSION_PROMPTS = 128
 
@@ -107,7 +107,7 @@ def semantic_curve(image_states: torch.Tensor, text_states: torch.Tensor) -> dic
     }
 
 
-def refusal_token_ids(tokenizer, phrases: Sequence[str] = REFUSAL_PHRASES) -> list[int]:
+def refusal_token_ids(tokenizer, phrases: Sequence[str] = REFUSAL_OPENINGS) -> list[int]:
     """The distinct first tokens of the refusal phrases (as the assistant's first word, no leading space)."""
     ids = []
     for phrase in phrases:
@@ -303,7 +303,7 @@ def typographic_pairs(prompts: Sequence, *, max_pairs: int = DEFAULT_MAX_PAIRS, 
 def localise(
     model, processor, prompts: Sequence, *, features=None, groups: Sequence | None = None,
     pairs: Sequence[tuple] | None | str = "auto", batch_size: int = 8, seed: int = 0, progress: bool = True,
-    refusal_phrases: Sequence[str] = REFUSAL_PHRASES, max_expression_prompts: int = DEFAULT_MAX_EXPRESSION_PROMPTS,
+    refusal_phrases: Sequence[str] = REFUSAL_OPENINGS, max_expression_prompts: int = DEFAULT_MAX_EXPRESSION_PROMPTS,
     max_pairs: int = DEFAULT_MAX_PAIRS, choose: bool = True,
 ) -> Localisation:
     """The three curves on `prompts` (calibration data) and the (s, f) the rule picks.

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-TABLES = ("evaluation.md", "bench.md")
-CHART = "evaluation.png"
+TABLES = ("evaluation/evaluation.md", "bench.md")
+CHART = "evaluation/evaluation.png"
 
 
 def results_block(results_dir: Path, readme_dir: Path) -> str:
@@ -43,7 +43,7 @@ def splice(readme: str, block: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results_dir", type=Path, help="folder holding evaluation.md, bench.md, evaluation.png")
+    parser.add_argument("results_dir", type=Path, help="folder holding evaluation/ (evaluate.py --out) and bench.md")
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent.parent / "README.md")
     args = parser.parse_args(argv)
     try:

@@ -14,10 +14,10 @@ README = "# title\n\nintro\n\n## Results\n<!-- results:start -->\nold numbers\n<
 
 
 def _results(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "evaluation.md").write_text("| metric | base |\n| --- | --- |\n| ASR | 0.9 |\n")
+    (folder / "evaluation").mkdir(parents=True)
+    (folder / "evaluation" / "evaluation.md").write_text("| metric | base |\n| --- | --- |\n| ASR | 0.9 |\n")
     (folder / "bench.md").write_text("| runtime | prefill |\n| --- | --- |\n| pytorch | 1.4 |\n")
-    (folder / "evaluation.png").write_bytes(b"\x89PNG")
+    (folder / "evaluation" / "evaluation.png").write_bytes(b"\x89PNG")
     return folder
 
 
@@ -27,7 +27,8 @@ def test_section_replaced_in_order_with_chart(tmp_path):
     assert readme_results.main([str(_results(tmp_path / "results")), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old numbers" not in text
-    assert text.index("| ASR | 0.9 |") < text.index("| pytorch | 1.4 |") < text.index("](results/evaluation.png)")
+    chart = text.index("](results/evaluation/evaluation.png)")
+    assert text.index("| ASR | 0.9 |") < text.index("| pytorch | 1.4 |") < chart
     assert text.startswith("# title\n\nintro\n\n## Results\n<!-- results:start -->\n")
     assert text.endswith("<!-- results:end -->\n\n## After\ntext\n")
     assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,353 @@
+#!/usr/bin/env python
+"""Evaluate a SASA artifact against its base model on held-out data.
+
+    python scripts/evaluate.py smol-qwen-vl patched/ --out eval-out
+
+BASE is what `scripts/patch.py --model` accepts; PATCHED is a directory `scripts/patch.py` wrote (the
+safetensors artifact, run in-process with its own remote code) or its `onnx/` folder (run with ONNX
+Runtime; `--runtime onnx` picks it from the root too). Writes `evaluation.json` (every figure),
+`evaluation.md` (the table), `evaluation.png` (the chart) and `generations.jsonl` (every answer, to
+audit the figures) into --out, atomically. Exit code 2 and a one-line reason on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from export.atomic import atomic_output_dir, check_output_dir  # noqa: E402
+from patcher.errors import UserInputError  # noqa: E402
+from patcher.loading import DEFAULT_MODEL, load_model, resolve_model, torch_dtype  # noqa: E402
+from patcher.modeling_sasa import SERVING_MODES  # noqa: E402
+from probes.evaluation import DEFAULT_LIMIT, DEFAULT_MAX_NEW_TOKENS  # noqa: E402
+
+RUNTIMES = ("auto", "safetensors", "onnx")
+DEFAULT_OUT = Path("eval-out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", help=f"base model: alias, embedded model (e.g. {DEFAULT_MODEL}) or directory")
+    parser.add_argument("patched", type=Path, help="artifact directory written by scripts/patch.py, or its onnx/")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="safetensors (in-process transformers) or onnx (ONNX Runtime); auto: safetensors "
+                             "when PATCHED has it, else onnx")
+    parser.add_argument("--modes", help="comma-separated serving modes to evaluate (default: gate,augment for "
+                                        "safetensors; the baked mode for onnx)")
+    parser.add_argument("--data", type=Path, help="JSONL manifest of your own held-out prompts (text, label, "
+                                                  "optional image); replaces the built-in held-out split")
+    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+                        help=f"prompts per category, a deterministic subset (default {DEFAULT_LIMIT}; 0: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the PyTorch models run (cuda: bfloat16, as patch.py loads them)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: their own)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----- checking the input ---------------------------------------------------------------------------------
+def detect_runtime(patched: Path, runtime: str) -> tuple[str, dict]:
+    """Which artifact to run (the safetensors one at PATCHED's root, or the ONNX one in PATCHED or
+    PATCHED/onnx), and its SASA settings as stored (mode, threshold, refusal text, calibration metrics)."""
+    from export.onnx_runtime import CONFIG_NAME, find_onnx_dir
+
+    if not patched.is_dir():
+        raise UserInputError(f"artifact directory {patched} does not exist")
+    config = patched / "config.json"
+    has_safetensors = config.is_file() and "sasa" in json.loads(config.read_text())
+    try:
+        onnx_config = json.loads((find_onnx_dir(patched) / CONFIG_NAME).read_text())
+    except FileNotFoundError:
+        onnx_config = None
+    if runtime == "auto":
+        runtime = "safetensors" if has_safetensors else "onnx" if onnx_config else ""
+    if runtime == "safetensors" and not has_safetensors:
+        raise UserInputError(f"{patched} is not a SASA safetensors artifact (no config.json with a 'sasa' section); "
+                             "pass the directory scripts/patch.py wrote")
+    if runtime == "onnx" and not onnx_config:
+        raise UserInputError(f"{patched} holds no SASA ONNX artifact (no sasa_onnx.json in it or in its onnx/); "
+                             "write one with scripts/patch.py --format onnx")
+    if not runtime:
+        raise UserInputError(f"{patched} is not a SASA artifact: no config.json with a 'sasa' section and no onnx/ "
+                             "folder; pass the directory scripts/patch.py wrote")
+    settings = onnx_config["sasa"] if runtime == "onnx" else json.loads(config.read_text())["sasa"]
+    return runtime, settings
+
+
+def parse_modes(text: str | None, runtime: str, baked: str) -> list[str]:
+    """The serving modes to evaluate; an ONNX artifact serves only the mode baked into its graph."""
+    if text is None:
+        return [baked] if runtime == "onnx" else list(SERVING_MODES)
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [mode for mode in modes if mode not in SERVING_MODES]
+    if unknown or not modes:
+        raise UserInputError(f"--modes takes a comma-separated subset of {', '.join(SERVING_MODES)}, got {text!r}")
+    if runtime == "onnx" and modes != [baked]:
+        raise UserInputError(f"the ONNX artifact has mode {baked!r} baked into its graph and cannot serve "
+                             f"{', '.join(m for m in modes if m != baked)}; use --modes {baked}, or evaluate "
+                             "the safetensors artifact for both modes")
+    return list(dict.fromkeys(modes))
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Counts the run needs, checked before anything is loaded (`--threads` is optional)."""
+    for name, least in (("limit", 0), ("max_new_tokens", 1), ("batch_size", 1), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise UserInputError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
+# ----- loading ---------------------------------------------------------------------------------------------
+def load_torch_artifact(patched: Path, device: str):
+    """The safetensors artifact as its users load it: transformers + the artifact's own modeling_sasa.py."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(patched, trust_remote_code=True,
+                                                        dtype=torch_dtype("auto", device)).to(device).eval()
+    if not hasattr(model, "set_sasa"):
+        raise UserInputError(f"{patched} loaded as {type(model).__name__}, not a SASA-patched class")
+    return model
+
+
+def build_systems(args, runtime: str, modes: list[str], base) -> tuple[list, object]:
+    """The base system, then one system per evaluated mode; and the ONNX runtime (None for safetensors)."""
+    from probes.evaluation import OnnxSystem, TorchSystem
+
+    systems = [TorchSystem("base", base.model, base.processor)]
+    vocab = base.model.config.get_text_config().vocab_size
+    if runtime == "onnx":
+        from export.onnx_runtime import OnnxVlm
+
+        vlm = OnnxVlm(args.patched, threads=args.threads)
+        check_same_vocabulary(vocab, vlm.config["vocab_size"], args)
+        return [*systems, OnnxSystem(f"onnx-{modes[0]}", vlm)], vlm
+    patched = load_torch_artifact(args.patched, args.device)
+    check_same_vocabulary(vocab, patched.config.get_text_config().vocab_size, args)
+    systems += [TorchSystem(mode, patched, base.processor, mode=mode) for mode in modes]
+    return systems, None
+
+
+def check_same_vocabulary(base: int, patched: int, args: argparse.Namespace) -> None:
+    """KL between base and artifact needs one vocabulary: catch an artifact made from another base."""
+    if base != patched:
+        raise UserInputError(f"{args.patched} has a vocabulary of {patched} tokens and {args.base} one of {base}: "
+                             "the artifact was not made from this base model")
+
+
+def prompts_to_evaluate(args, metrics: dict) -> tuple[list, list, dict]:
+    """(harmful and benign held-out prompts, over-refusal prompts, where they came from)."""
+    from probes.datasets import builtin_calibration_set
+    from probes.evaluation import over_refusal_prompts
+    from probes.probe import data_digest
+    from probes.splits import DEFAULT_HELDOUT_FRACTION, split
+
+    fraction = metrics.get("heldout_fraction", DEFAULT_HELDOUT_FRACTION)
+    builtin = split(builtin_calibration_set(), fraction)
+    recorded = metrics.get("calibration_digest")
+    matches = None if recorded is None else data_digest(builtin.calibration) == recorded
+    if matches is False:
+        log("warning: the artifact was not calibrated on the built-in set's calibration side, so its held-out "
+            "side is not guaranteed unseen")
+    source = {"heldout_fraction": fraction, "calibration_digest_matches_builtin": matches}
+    if args.data is not None:
+        from probes.manifest import load_manifest
+
+        source["data"] = str(args.data)
+        return load_manifest(args.data), over_refusal_prompts(builtin.calibration), source
+    source["data"] = "builtin held-out split"
+    return builtin.heldout, over_refusal_prompts(builtin.calibration), source
+
+
+def typographic_size(onnx_vlm) -> tuple[int, int]:
+    """(width, height) to render typographic prompts at: the ONNX artifact's one supported image size
+    (its vision graph has a fixed grid), else the size calibration rendered them at."""
+    from probes.typographic import DEFAULT_SIZE
+
+    if onnx_vlm is None:
+        return DEFAULT_SIZE
+    height, width = onnx_vlm.config["image"]["sizes"][0]
+    return width, height
+
+
+# ----- the run -----------------------------------------------------------------------------------------------
+def evaluate(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """Every figure of the report, and the per-prompt records."""
+    from probes.evaluation import build_categories, generation_metrics, generation_records, utility_metrics
+
+    started = time.perf_counter()
+    check_output_dir(args.out, args.force)
+    check_options(args)
+    runtime, settings = detect_runtime(args.patched, args.runtime)
+    modes = parse_modes(args.modes, runtime, settings["mode"])
+    resolve_model(args.base)
+    held, over_refusal, source = prompts_to_evaluate(args, settings.get("metrics") or {})
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log(f"loading {args.base} and the {runtime} artifact {args.patched}")
+    base = load_model(args.base, device=args.device)
+    systems, onnx_vlm = build_systems(args, runtime, modes, base)
+    timings = {"load_s": time.perf_counter() - started}
+
+    mark = time.perf_counter()
+    image_size = typographic_size(onnx_vlm)
+    categories = build_categories(held, over_refusal, limit=args.limit or None, image_size=image_size)
+    counts = {category.name: len(category.prompts) for category in categories}
+    log("prompts per category: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
+    timings["typographic_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    names = [system.name for system in systems]
+    records = generation_records(systems, categories, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                 refusal_texts=[settings["refusal_text"]], progress=not args.no_progress)
+    timings["generation_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    benign_text = next((c.prompts for c in categories if c.name == "benign_text"), [])
+    utility = utility_metrics(systems, base.processor, benign_text, batch_size=args.batch_size,
+                              progress=not args.no_progress) if benign_text else {}
+    timings["utility_s"] = time.perf_counter() - mark
+    timings["total_s"] = time.perf_counter() - started
+
+    figures = generation_metrics(records, categories, names, settings.get("threshold"))
+    figures["utility"] = utility
+    report = {
+        "base": args.base,
+        "base_dir": str(base.source),
+        "artifact": str(args.patched.resolve()),
+        "runtime": runtime,
+        "systems": names,
+        "counts": counts,
+        "data": source,
+        "options": {"limit": args.limit, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                    "threads": torch.get_num_threads(), "typographic_size": list(image_size), "decoding": "greedy"},
+        "sasa": {key: value for key, value in settings.items() if key != "metrics"},
+        "calibration_metrics": settings.get("metrics") or {},
+        "metrics": figures,
+        "seconds": timings,
+    }
+    return report, records
+
+
+# ----- the report ------------------------------------------------------------------------------------------
+def table_rows(report: dict) -> list[tuple[str, str, dict]]:
+    """(key, label, {system: value}) for every figure of the table, in reading order."""
+    metrics = report["metrics"]
+    rows = [(f"asr/{name}", f"attack success rate, {name}", values) for name, values in metrics["asr"].items()]
+    rows += [(f"refusal/{name}", f"refusal rate, {name}", values) for name, values in metrics["refusal_rate"].items()]
+    rows += [(f"flagged/{name}", f"probe flagged rate, {name}", values)
+             for name, values in metrics["flagged_rate"].items()]
+    for modality, per_system in metrics["probe"].items():
+        for figure in ("auroc", "tpr", "fpr"):
+            rows.append((f"probe/{modality}/{figure}", f"probe {figure.upper()}, {modality} (harmful vs benign)",
+                         {system: point[figure] for system, point in per_system.items()}))
+    rows.append(("consistency/same_answer_as_base", "same answer as the base, prompts not flagged",
+                 metrics["same_answer_as_base"]))
+    utility = metrics["utility"]
+    for key, label in (("kl_to_base", "KL(base || model) per token, nats"), ("kl_to_base_max", "max per-token KL"),
+                       ("perplexity", "perplexity")):
+        rows.append((f"utility/{key}", f"{label} (benign prompt text)",
+                     {system: values[key] for system, values in utility.items()}))
+    return rows
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.3f}"
+
+
+def markdown(report: dict) -> str:
+    """The table (rows = metrics, columns = systems) with what it was measured on."""
+    systems = report["systems"]
+    sasa = report["sasa"]
+    lines = [
+        f"# SASA evaluation: {report['base']} vs {report['artifact']} ({report['runtime']})",
+        "",
+        f"Layers s={sasa['safety_layer']}, f={sasa['semantic_layer']}; probe `{sasa['probe_features']}`, "
+        f"threshold {_cell(sasa['threshold'])}; greedy, at most {report['options']['max_new_tokens']} new tokens; "
+        f"data: {report['data']['data']}. Wall time {report['seconds']['total_s']:.0f} s.",
+        "",
+        "| metric | " + " | ".join(systems) + " |",
+        "| --- | " + " | ".join("---:" for _ in systems) + " |",
+    ]
+    lines += [f"| {label} | " + " | ".join(_cell(values.get(system)) for system in systems) + " |"
+              for _, label, values in table_rows(report)]
+    lines += ["", "Prompts per category: " + ", ".join(f"{name} {count}" for name, count in report["counts"].items())
+              + ". Refusals judged by the GCG keyword list (`probes/refusal.py`) plus the configured refusal text;"
+              " KL and perplexity are teacher-forced on the user text of the benign prompts.", ""]
+    return "\n".join(lines)
+
+
+CHART_ROWS = ("asr/harmful_text", "asr/harmful_typographic", "asr/harmful_image", "refusal/benign_text",
+              "refusal/benign_typographic", "refusal/over_refusal", "probe/text/auroc", "probe/text/tpr",
+              "probe/text/fpr", "probe/typographic/auroc", "probe/typographic/tpr", "probe/typographic/fpr")
+
+
+def plot(report: dict, path: Path) -> None:
+    """Grouped bars: ASR, refusal rates and probe figures, one bar per system (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = {key: values for key, _, values in table_rows(report)}
+    groups = [key for key in CHART_ROWS if key in rows]
+    systems = report["systems"]
+    width = 0.8 / len(systems)
+    figure, axis = plt.subplots(figsize=(max(8.0, 1.1 * len(groups)), 4.8), constrained_layout=True)
+    for index, system in enumerate(systems):
+        heights = [rows[key].get(system) for key in groups]
+        positions = [g + (index - (len(systems) - 1) / 2) * width for g in range(len(groups))]
+        axis.bar(positions, [math.nan if h is None else h for h in heights], width, label=system)
+    axis.set_xticks(range(len(groups)), [key.replace("/", "\n", 1).replace("/", " ") for key in groups], fontsize=8)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("rate / AUROC")
+    axis.set_title(f"SASA evaluation ({report['runtime']}): {report['base']}")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(report: dict, records: list[dict], out: Path, force: bool) -> None:
+    """evaluation.json, evaluation.md, evaluation.png and generations.jsonl, moved into place together."""
+    with atomic_output_dir(out, force) as staging:
+        (staging / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (staging / "evaluation.md").write_text(markdown(report), encoding="utf-8")
+        plot(report, staging / "evaluation.png")
+        with open(staging / "generations.jsonl", "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report, records = evaluate(args)
+        write_report(report, records, args.out, args.force)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    print(f"evaluation written to {args.out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
