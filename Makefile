@@ -33,7 +33,7 @@ demo: install
 results: install
 	$(PY) scripts/patch.py --model smol-qwen-vl --out $(RESULTS_ARTIFACT) --layers 11,13 --format safetensors --force
 	$(PY) scripts/evaluate.py smol-qwen-vl $(RESULTS_ARTIFACT) --out $(RESULTS)/evaluation --force
-	$(PY) scripts/bench.py --model smol-qwen-vl --threads 1 --json $(RESULTS)/bench.json --markdown $(RESULTS)/bench.md
+	$(PY) scripts/bench.py --model smol-qwen-vl --layers 11,13 --threads 1 --json $(RESULTS)/bench.json --markdown $(RESULTS)/bench.md
 	$(PY) scripts/readme_results.py $(RESULTS)
 
 # `test` skips the minutes-long real-model ONNX exports and full calibration (marker `slow`);

@@ -113,6 +113,12 @@ def check_options(args: argparse.Namespace) -> None:
             raise UserInputError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
 
 
+def home_relative(path: Path) -> str:
+    """`~/...` for paths under the home directory, so a shared report does not name the user's machine."""
+    home = Path.home()
+    return f"~/{path.relative_to(home).as_posix()}" if path.is_relative_to(home) else str(path)
+
+
 # ----- loading ---------------------------------------------------------------------------------------------
 def load_torch_artifact(patched: Path, device: str):
     """The safetensors artifact as its users load it: transformers + the artifact's own modeling_sasa.py."""
@@ -228,8 +234,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     figures["utility"] = utility
     report = {
         "base": args.base,
-        "base_dir": str(base.source),
-        "artifact": str(args.patched.resolve()),
+        "base_dir": home_relative(base.source),
+        "artifact": str(args.patched),  # as given: the report is meant to be shared, absolute paths are private
         "runtime": runtime,
         "systems": names,
         "counts": counts,
@@ -277,7 +283,7 @@ def markdown(report: dict) -> str:
     systems = report["systems"]
     sasa = report["sasa"]
     lines = [
-        f"# SASA evaluation: {report['base']} vs {report['artifact']} ({report['runtime']})",
+        f"### SASA evaluation: {report['base']} vs {report['artifact']} ({report['runtime']})",
         "",
         f"Layers s={sasa['safety_layer']}, f={sasa['semantic_layer']}; probe `{sasa['probe_features']}`, "
         f"threshold {_cell(sasa['threshold'])}; greedy, at most {report['options']['max_new_tokens']} new tokens; "
