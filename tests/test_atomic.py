@@ -1,0 +1,38 @@
+"""Artifacts appear whole or not at all, with the permissions a plain mkdir would give."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from export.atomic import atomic_output_dir
+from patcher.errors import UserInputError
+
+
+def test_output_appears_complete_with_mkdir_permissions(tmp_path):
+    out = tmp_path / "artifact"
+    with atomic_output_dir(out, force=False) as staging:
+        (staging / "a.txt").write_text("a")
+        assert not out.exists()
+    reference = tmp_path / "plain"
+    reference.mkdir()
+    assert (out / "a.txt").read_text() == "a"
+    assert out.stat().st_mode == reference.stat().st_mode
+    assert sorted(os.listdir(tmp_path)) == ["artifact", "plain"]
+
+
+def test_failure_leaves_the_old_output_untouched(tmp_path):
+    out = tmp_path / "artifact"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_output_dir(out, force=True) as staging:
+        (staging / "new.txt").write_text("new")
+        raise RuntimeError("export failed")
+    assert os.listdir(out) == ["old.txt"] and os.listdir(tmp_path) == ["artifact"]
+
+
+def test_existing_output_needs_force(tmp_path):
+    (tmp_path / "artifact").mkdir()
+    with pytest.raises(UserInputError, match="--force"), atomic_output_dir(tmp_path / "artifact", force=False):
+        pass
