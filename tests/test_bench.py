@@ -7,7 +7,6 @@ baseline graph is exported once for the module and the runtime test exports only
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from script_loader import load_script
 from transformers import DynamicCache
 
 from export.benchmark import (
@@ -42,17 +42,9 @@ S, F = 1, 3
 ENTRY_NUMBERS = ("ratio", "floor", "baseline_ms", "patched_ms")
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("bench_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cli():
-    return load_cli()
+    return load_script("bench")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ and scripts/evaluate.py end to end on a tiny safetensors artifact (plus its bad-
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_loader import load_script
 
 import tiny_models as tm
 from export.checkpoint import write_safetensors_artifact
@@ -241,16 +241,9 @@ def test_batched_generation_equals_one_by_one(mode, tmp_path):
 
 
 # ----- the CLI end to end ---------------------------------------------------------------------------------
-def load_cli():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cli():
-    return load_cli()
+    return load_script("evaluate")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from tiny_models import build_qwen2_vl
 
@@ -17,16 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "patch.py"
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("patch_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cli():
-    return load_cli()
+    return load_script("patch")
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import readme_results  # noqa: E402
+readme_results = load_script("readme_results")
 
 README = "# title\n\nintro\n\n## Results\n<!-- results:start -->\nold numbers\n<!-- results:end -->\n\n## After\ntext\n"
 
