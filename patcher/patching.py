@@ -59,12 +59,13 @@ def eos_token_id(model: PreTrainedModel, tokenizer) -> int:
     return int(configured)
 
 
-def patch_model(model: PreTrainedModel, settings: SasaSettings) -> SasaMixin:
+def patch_model(model: PreTrainedModel, settings: SasaSettings, tokenizer=None) -> SasaMixin:
     """Swap the model's class for its SASA subclass and add the fixed modules.
 
     The patched class only adds modules and overrides forward/generate, so swapping the class
     keeps every base weight where it is: no second copy, which matters for 7B models and for
-    accelerate's device map.
+    accelerate's device map. With a `tokenizer`, the refusal text becomes `settings.refusal_token_ids`
+    (gate mode emits those tokens inside generate()).
     """
     patched_class = sasa_class_for(model.config.model_type)
     base_class = transformers_base_class(patched_class)
@@ -77,6 +78,8 @@ def patch_model(model: PreTrainedModel, settings: SasaSettings) -> SasaMixin:
         settings.validate(num_layers)
     except ValueError as error:
         raise UserInputError(f"invalid SASA settings: {error}") from None
+    if tokenizer is not None:
+        settings.refusal_token_ids = refusal_token_ids(model, tokenizer, settings.refusal_text)
     model.__class__ = patched_class
     model.init_sasa(settings)
     model.config.architectures = [patched_class.__name__]

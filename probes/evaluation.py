@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.datasets import BENIGN, HARMFUL, Prompt, dedupe, load_over_refusal, load_rho_over_refusal
-from probes.features import encode_prompts, length_order, model_device_dtype, prompt_texts, to_model
+from probes.features import batched, encode_prompts, length_order, model_device_dtype, prompt_texts, to_model
 from probes.probe import operating_point
 from probes.refusal import is_refusal
 from probes.splits import group_key, unit_hash
@@ -205,11 +205,6 @@ class OnnxSystem:
         positions, _ = self.vlm.prefill_positions(ids, mask)
         logits = self.vlm.run_decoder(embeds, mask, positions, self.vlm.empty_cache(len(ids)))[0]
         return torch.from_numpy(np.asarray(logits, np.float32))
-
-
-def batched(order: Sequence[int], batch_size: int) -> list[list[int]]:
-    """`order` cut into batches of at most `batch_size` indices."""
-    return [list(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
 
 
 def generate_all(

@@ -139,6 +139,11 @@ def to_model(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return moved
 
 
+def batched(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """`order` cut into batches of at most `batch_size` indices."""
+    return [list(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
+
+
 def length_order(prompts: Sequence) -> list[int]:
     """Batch prompts of similar length together (less padding); image prompts grouped too."""
     return sorted(
@@ -179,8 +184,7 @@ def extract_features(
     stored: dict[str, torch.Tensor] = {}
     bar = tqdm(total=count, desc=description, unit="prompt", disable=not progress, leave=False)
     try:
-        for start in range(0, count, batch_size):
-            rows = order[start : start + batch_size]
+        for rows in batched(order, batch_size):
             batch = to_model(encode_prompts(processor, [prompts[i] for i in rows]), device, dtype)
             output = model(**batch, output_sasa_features=True, use_cache=False, logits_to_keep=1)
             found = output.sasa_features

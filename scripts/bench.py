@@ -95,6 +95,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from patcher.console import log, report_user_error  # noqa: E402
 from patcher.errors import UserInputError  # noqa: E402
 from patcher.loading import ALIASES, DEFAULT_MODEL, check_architecture, check_device, resolve_model, torch_dtype  # noqa: E402
 from scripts.measure_memory import current_rss_bytes, memory_snapshot, reset_peak, weight_bytes  # noqa: E402
@@ -134,10 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON here")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the report as markdown here")
     return parser
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----- options --------------------------------------------------------------------------------------
@@ -228,15 +225,14 @@ def load_and_patch(args: argparse.Namespace, num_layers: int) -> PatchStage:
     """Load as the CLI does and patch with the given layers (or the default rule until calibration)."""
     from patcher.loading import load_model
     from patcher.modeling_sasa import SasaSettings
-    from patcher.patching import default_layers, parse_layers, patch_model, refusal_token_ids
+    from patcher.patching import default_layers, parse_layers, patch_model
 
     started = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     seconds = {"load": time.perf_counter() - started}
     started = time.perf_counter()
     settings = SasaSettings(*(default_layers(num_layers) if args.layers == "auto" else parse_layers(args.layers)))
-    settings.refusal_token_ids = refusal_token_ids(loaded.model, loaded.processor.tokenizer, settings.refusal_text)
-    model = patch_model(loaded.model, settings)
+    model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
     seconds["patch"] = time.perf_counter() - started
     chosen_by = "user" if args.layers != "auto" else "default rule"
     log(f"loaded in {seconds['load']:.1f}s, patched in {seconds['patch']:.2f}s (s={settings.safety_layer}, "
@@ -498,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # exporter chatter; stdout carries the table only
             report = run(args)
     except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown is not None:

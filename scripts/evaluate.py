@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from export.atomic import atomic_output_dir, check_output_dir  # noqa: E402
+from patcher.console import log, report_user_error  # noqa: E402
 from patcher.errors import UserInputError  # noqa: E402
 from patcher.loading import DEFAULT_MODEL, load_model, resolve_model, torch_dtype  # noqa: E402
 from patcher.modeling_sasa import SERVING_MODES  # noqa: E402
@@ -55,10 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----- checking the input ---------------------------------------------------------------------------------
@@ -348,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         report, records = evaluate(args)
         write_report(report, records, args.out, args.force)
     except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     print(markdown(report))
     print(f"evaluation written to {args.out.resolve()}")
     return 0

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from export.atomic import atomic_output_dir, check_output_dir  # noqa: E402
 from export.checkpoint import write_safetensors_artifact  # noqa: E402
 from export.model_card import CardInfo  # noqa: E402
+from patcher.console import log, report_user_error  # noqa: E402
 from patcher.errors import UserInputError  # noqa: E402
 from patcher.loading import (  # noqa: E402
     ALIASES,
@@ -40,7 +41,7 @@ from patcher.modeling_sasa import (  # noqa: E402
     SERVING_MODES,
     SasaSettings,
 )
-from patcher.patching import default_layers, parse_layers, patch_model, refusal_token_ids  # noqa: E402
+from patcher.patching import default_layers, parse_layers, patch_model  # noqa: E402
 
 FORMATS = ("safetensors", "onnx")
 EMBEDDED_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -78,10 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu, cuda, or auto (accelerate device map for models larger than one GPU)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     return parser
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def parse_formats(text: str) -> list[str]:
@@ -192,8 +189,7 @@ def run(args: argparse.Namespace) -> Path:
     started = time.perf_counter()
     log(f"loading {args.model} ({directory})")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
-    settings.refusal_token_ids = refusal_token_ids(loaded.model, loaded.processor.tokenizer, settings.refusal_text)
-    model = patch_model(loaded.model, settings)
+    model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
     log(f"loaded and patched in {time.perf_counter() - started:.1f}s ({num_layers} layers, "
         f"projection {settings.projection}, mode {settings.mode})")
 
@@ -239,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run(args)
     except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     print(f"patched checkpoint written to {out.resolve()}")
     return 0
 

@@ -364,7 +364,6 @@ def test_cli_on_the_embedded_model(cli, tmp_path):
     """smol-qwen-vl, patched without calibration (untrained probe: nothing flagged), one prompt per category:
     the real chat template's user text is located exactly, and gate is the base."""
     from patcher.loading import load_model
-    from patcher.patching import refusal_token_ids
 
     loaded = load_model("smol-qwen-vl")
     benign = [p for p in split(builtin_calibration_set()).heldout if p.label == 0][:4]
@@ -373,8 +372,8 @@ def test_cli_on_the_embedded_model(cli, tmp_path):
     assert [loaded.processor.decode(batch["input_ids"][row][mask[row]]) for row in range(4)] == [p.text for p in benign]
 
     settings = SasaSettings(11, 13, threshold=0.5)
-    settings.refusal_token_ids = refusal_token_ids(loaded.model, loaded.processor.tokenizer, settings.refusal_text)
-    write_safetensors_artifact(patch_model(loaded.model, settings), loaded.processor, loaded.source, tmp_path / "art")
+    model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
+    write_safetensors_artifact(model, loaded.processor, loaded.source, tmp_path / "art")
     out = tmp_path / "eval"
     code = cli.main(["smol-qwen-vl", str(tmp_path / "art"), "--out", str(out), "--limit", "1",
                      "--max-new-tokens", "4", "--no-progress"])

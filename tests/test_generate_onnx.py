@@ -225,13 +225,12 @@ def test_script_rejects_a_directory_without_artifact(tmp_path):
 @pytest.mark.integration
 def test_script_answers_like_pytorch_on_the_embedded_model(tmp_path):
     from patcher.loading import load_model
-    from patcher.patching import default_layers, refusal_token_ids
+    from patcher.patching import default_layers
 
     loaded = load_model("smol-qwen-vl")
     num_layers = loaded.model.config.get_text_config().num_hidden_layers
     settings = SasaSettings(*default_layers(num_layers), mode="gate")
-    settings.refusal_token_ids = refusal_token_ids(loaded.model, loaded.processor.tokenizer, settings.refusal_text)
-    model = patch_model(loaded.model, settings)
+    model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
     export_onnx(model, loaded.processor, tmp_path / "out" / "onnx", check_parity=False)
     size = json.loads((tmp_path / "out" / "onnx" / CONFIG_NAME).read_text())["image"]["sizes"][0]
     image = make_image(tuple(size), seed=5)

@@ -170,13 +170,12 @@ def test_non_float32_model_is_refused(tmp_path):
 @pytest.mark.parametrize("name", ["smol-qwen-vl", "smol-llava"])
 def test_embedded_model_export_parity(tmp_path, name):
     from patcher.loading import load_model
-    from patcher.patching import default_layers, refusal_token_ids
+    from patcher.patching import default_layers
 
     loaded = load_model(name)
     num_layers = loaded.model.config.get_text_config().num_hidden_layers
     settings = SasaSettings(*default_layers(num_layers), mode="gate")
-    settings.refusal_token_ids = refusal_token_ids(loaded.model, loaded.processor.tokenizer, settings.refusal_text)
-    model = patch_model(loaded.model, settings)
+    model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
     # A random probe scaled to |w . x| ~ 1 over the ~50k projected logits: probabilities away from 0 and 1.
     weight = model.sasa_probe.linear.weight
     weight.data = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
