@@ -1,0 +1,1 @@
+"""A vision tower that reads: training, shipped weights and measurement for the embedded models' eyes."""

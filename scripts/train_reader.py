@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Train smol-qwen-vl's vision tower and merger to read rendered text (the language model stays frozen).
+
+    python scripts/train_reader.py --out build/reader            # CPU: about an hour with the defaults
+    python scripts/train_reader.py --out build/reader --device cuda
+
+Re-running with the same --out resumes from the last checkpoint (same settings required). The result,
+`reader.safetensors`, is what `patcher/weights/` ships; its sha256 goes into `patcher/embedded.py`.
+The embedded models use the shipped weights; nothing in set-up retrains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from patcher.console import log, report_user_error
+from patcher.embedded import SMOLLM2_VOCAB
+from patcher.errors import UserInputError
+from patcher.loading import load_model
+from reader.training import (
+    CHECKPOINT_NAME,
+    STAGES,
+    CtcObjective,
+    ReaderSettings,
+    TextSource,
+    ctc_loss,
+    freeze_language_model,
+    fresh_tower,
+    learning_rate,
+    lm_loss,
+    load_checkpoint,
+    save_checkpoint,
+    save_tower,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = ReaderSettings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("build/reader"), help="checkpoints and reader.safetensors")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--ctc-steps", type=int, default=defaults.ctc_steps, help="recognition steps (no LM pass)")
+    parser.add_argument("--lm-steps", type=int, default=defaults.lm_steps, help="transcription steps through the LM")
+    parser.add_argument("--ctc-batch", type=int, default=defaults.ctc_batch)
+    parser.add_argument("--lm-batch", type=int, default=defaults.lm_batch)
+    parser.add_argument("--ctc-lr", type=float, default=defaults.ctc_lr)
+    parser.add_argument("--lm-lr", type=float, default=defaults.lm_lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> ReaderSettings:
+    fields = {field.name for field in dataclasses.fields(ReaderSettings)}
+    settings = ReaderSettings(**{name: getattr(args, name) for name in fields})
+    if min(settings.ctc_steps, settings.lm_steps) < 0 or min(settings.ctc_batch, settings.lm_batch) < 1:
+        raise UserInputError("steps must be >= 0 and batches >= 1")
+    return settings
+
+
+def train(args: argparse.Namespace) -> Path:
+    settings = settings_from(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = args.out / CHECKPOINT_NAME
+
+    loaded = load_model("smol-qwen-vl", dtype="float32", device=args.device)
+    model, processor = loaded.model, loaded.processor
+    fresh_tower(model, settings.seed)
+    parameters = freeze_language_model(model)
+    objective = CtcObjective(model, SMOLLM2_VOCAB).to(model.device)
+    optimizer = torch.optim.AdamW([*parameters, objective.blank], lr=settings.ctc_lr, weight_decay=0.01)
+    source = TextSource(processor.tokenizer)
+    history: list[dict] = []
+    stage_index, step = 0, 0
+    if checkpoint_path.exists() and not args.restart:
+        state = load_checkpoint(checkpoint_path, settings)
+        model.model.visual.load_state_dict(state["tower"])
+        objective.blank.data.copy_(state["blank"])
+        optimizer.load_state_dict(state["optimizer"])
+        stage_index, step, history = STAGES.index(state["stage"]), state["step"], state["history"]
+        log(f"resuming at stage {state['stage']}, step {step}")
+    model.train()
+    started = time.monotonic()
+    for stage in STAGES[stage_index:]:
+        total = settings.steps(stage)
+        bar = tqdm(range(step, total), desc=f"reader {stage}", initial=step, total=total, dynamic_ncols=True)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(settings, stage, step)
+            samples = source.samples(settings.seed, stage, step, settings.batch(stage))
+            if stage == "ctc":
+                loss = ctc_loss(model, processor, objective, samples, settings.seed * 1_000_003 + step)
+            else:
+                loss = lm_loss(model, processor, samples)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            history.append({"stage": stage, "step": step, "loss": loss.item()})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if (step + 1) % args.checkpoint_every == 0 or step + 1 == total:
+                save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "settings": dataclasses.asdict(settings),
+                        "stage": stage,
+                        "step": step + 1,
+                        "tower": model.model.visual.state_dict(),
+                        "blank": objective.blank.detach(),
+                        "optimizer": optimizer.state_dict(),
+                        "history": history,
+                    },
+                )
+        step = 0
+    weights = args.out / "reader.safetensors"
+    save_tower(model, weights)
+    (args.out / "history.json").write_text(json.dumps(history) + "\n")
+    log(f"trained in {time.monotonic() - started:.0f} s this run; weights in {weights}")
+    return weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except UserInputError as error:
+        return report_user_error(error)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
