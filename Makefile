@@ -12,7 +12,7 @@ RESULTS ?= results
 # The calibrated artifact the Results are measured on (large: kept out of git under build/).
 RESULTS_ARTIFACT ?= build/results-artifact
 
-.PHONY: install demo test test-all lint results clean
+.PHONY: install demo test test-all lint results reader reader-results clean
 
 install: $(STAMP)
 
@@ -35,6 +35,16 @@ results: install
 	$(PY) scripts/evaluate.py smol-qwen-vl $(RESULTS_ARTIFACT) --out $(RESULTS)/evaluation --force
 	$(PY) scripts/bench.py --model smol-qwen-vl --layers 11,13 --threads 1 --json $(RESULTS)/bench.json --markdown $(RESULTS)/bench.md
 	$(PY) scripts/readme_results.py $(RESULTS)
+
+# The embedded model's reader: train smol-qwen-vl's vision tower and merger from scratch into
+# build/reader (resumes from its checkpoint; about an hour on 2 CPU cores with the defaults, which are
+# not enough to read: see README "Teaching the embedded model to read").
+reader: install
+	$(PY) scripts/train_reader.py --out build/reader
+
+# Transcription, cross-modal gap and SASA-on-images figures of the embedded model's tower (~15 minutes).
+reader-results: install
+	$(PY) scripts/measure_reader.py --out $(RESULTS)/reader.json
 
 # `test` skips the minutes-long real-model ONNX exports and full calibration (marker `slow`);
 # `test-all` runs them too.

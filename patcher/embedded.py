@@ -66,16 +66,6 @@ QWEN_MROPE_SECTION = [8, 12, 12]
 # Pixel bounds keep an image at 4..64 merged tokens: cheap on CPU and in exported graphs.
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 224 * 224
-# The reader tower (issue 6): big enough to read rendered text at 224x224, small enough to ship (~12 MB).
-QWEN_VISION = {
-    "depth": 4,
-    "embed_dim": 192,
-    "num_heads": 6,
-    "mlp_ratio": 4,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-}
 LLAVA_IMAGE_TOKEN = "<image>"
 LLAVA_IMAGE_SIZE = 224
 PATCH_SIZE = 14

@@ -29,11 +29,21 @@ from transformers import PreTrainedModel, ProcessorMixin
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from patcher.embedded import QWEN_VISION
 from reader.corpus import random_phrase, split_sentences, stdlib_sentences, vocabulary_words
 from reader.render import Sample, font_paths, render_sample
 from reader.transcribe import transcription_prompt
 
+# Bigger than the embedded model's seeded 2-layer, 128-wide tower, which cannot resolve glyphs; small
+# enough to ship (3.0 M parameters, 12.2 MB in fp32).
+READER_VISION = {
+    "depth": 4,
+    "embed_dim": 192,
+    "num_heads": 6,
+    "mlp_ratio": 4,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
 STAGES = ("ctc", "lm")
 PHRASE_SHARE = 0.4
 COSINE_SCALE = 16.0
@@ -47,7 +57,7 @@ class ReaderSettings:
     """Everything a training run depends on; stored in every checkpoint and checked on resume."""
 
     seed: int = 0
-    ctc_steps: int = 1200
+    ctc_steps: int = 1500
     lm_steps: int = 200
     ctc_batch: int = 32
     lm_batch: int = 8
@@ -67,7 +77,7 @@ class ReaderSettings:
 
 def fresh_tower(model: PreTrainedModel, seed: int) -> None:
     """Replace the model's vision tower and merger by a seeded, untrained reader-sized one."""
-    config = Qwen2VLVisionConfig(**QWEN_VISION, hidden_size=model.config.text_config.hidden_size)
+    config = Qwen2VLVisionConfig(**READER_VISION, hidden_size=model.config.text_config.hidden_size)
     torch.manual_seed(seed)
     model.model.visual = Qwen2VisionTransformerPretrainedModel(config).to(model.device)
     model.config.vision_config = config
@@ -123,9 +133,21 @@ class CtcObjective(torch.nn.Module):
     def __init__(self, model: PreTrainedModel, vocabulary_size: int) -> None:
         super().__init__()
         embedding = model.get_input_embeddings().weight[:vocabulary_size].detach()
-        self.register_buffer("directions", F.normalize(embedding, dim=-1), persistent=False)
+        # SmolLM2's embedding rows share a large common direction (mean pairwise cosine 0.44), which
+        # squeezes a cosine classifier; centred rows are nearly orthogonal (mean cosine 0.0003).
+        self.register_buffer("centre", embedding.mean(0), persistent=False)
+        self.register_buffer("directions", F.normalize(embedding - self.centre, dim=-1), persistent=False)
         self.target_norm = embedding.norm(dim=-1).median().item()
         self.blank = torch.nn.Parameter(torch.randn(embedding.shape[1], device=embedding.device))
+
+    def start_at_centre(self, model: PreTrainedModel) -> None:
+        """Start the merger's output at the embedding centre, for a fresh tower only.
+
+        A fresh merger outputs ~0, which is -centre after centring: every image token would start as
+        the same direction with the same logits. Biasing the output by the centre starts them spread.
+        """
+        with torch.no_grad():
+            model.model.visual.merger.mlp[-1].bias.copy_(self.centre)
 
     def forward(self, features: list[torch.Tensor], targets: list[list[int]], sample_seed: int) -> torch.Tensor:
         device = self.directions.device
@@ -135,7 +157,7 @@ class CtcObjective(torch.nn.Module):
         classes = torch.unique(torch.cat([flat, negatives]))
         lengths = torch.tensor([len(f) for f in features])
         padded = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)  # (B, T, D)
-        unit = F.normalize(padded, dim=-1)
+        unit = F.normalize(padded - self.centre, dim=-1)
         logits = COSINE_SCALE * torch.cat(
             [unit @ F.normalize(self.blank, dim=0)[:, None], unit @ self.directions[classes].T], dim=-1
         )
@@ -203,5 +225,5 @@ def save_tower(model: PreTrainedModel, path: Path) -> None:
     """The shipped artifact: the tower and merger weights only, fp32, in safetensors."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.model.visual.state_dict().items()}
     partial = path.with_suffix(".partial")
-    save_file(tensors, partial, metadata={"format": "pt", "vision_config": str(QWEN_VISION)})
+    save_file(tensors, partial, metadata={"format": "pt", "vision_config": str(READER_VISION)})
     os.replace(partial, path)

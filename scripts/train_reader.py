@@ -4,9 +4,9 @@
     python scripts/train_reader.py --out build/reader            # CPU: about an hour with the defaults
     python scripts/train_reader.py --out build/reader --device cuda
 
-Re-running with the same --out resumes from the last checkpoint (same settings required). The result,
-`reader.safetensors`, is what `patcher/weights/` ships; its sha256 goes into `patcher/embedded.py`.
-The embedded models use the shipped weights; nothing in set-up retrains.
+Re-running with the same --out resumes from the last checkpoint (same settings required); --stop-after
+time-boxes a run. The result, `reader.safetensors`, holds the tower and merger only (fp32, ~12 MB):
+`scripts/measure_reader.py --weights` measures it.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                        help="checkpoint and stop after this many steps in this run (time-boxed; re-run to resume)")
     return parser.parse_args(argv)
 
 
@@ -69,7 +71,8 @@ def settings_from(args: argparse.Namespace) -> ReaderSettings:
     return settings
 
 
-def train(args: argparse.Namespace) -> Path:
+def train(args: argparse.Namespace) -> Path | None:
+    """Train (or resume) to the end, or to --stop-after steps; returns the weights once training is complete."""
     settings = settings_from(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
@@ -83,6 +86,7 @@ def train(args: argparse.Namespace) -> Path:
     fresh_tower(model, settings.seed)
     parameters = freeze_language_model(model)
     objective = CtcObjective(model, SMOLLM2_VOCAB).to(model.device)
+    objective.start_at_centre(model)
     optimizer = torch.optim.AdamW([*parameters, objective.blank], lr=settings.ctc_lr, weight_decay=0.01)
     source = TextSource(processor.tokenizer)
     history: list[dict] = []
@@ -95,7 +99,7 @@ def train(args: argparse.Namespace) -> Path:
         stage_index, step, history = STAGES.index(state["stage"]), state["step"], state["history"]
         log(f"resuming at stage {state['stage']}, step {step}")
     model.train()
-    started = time.monotonic()
+    started, done_this_run = time.monotonic(), 0
     for stage in STAGES[stage_index:]:
         total = settings.steps(stage)
         bar = tqdm(range(step, total), desc=f"reader {stage}", initial=step, total=total, dynamic_ncols=True)
@@ -113,7 +117,9 @@ def train(args: argparse.Namespace) -> Path:
             optimizer.step()
             history.append({"stage": stage, "step": step, "loss": loss.item()})
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if (step + 1) % args.checkpoint_every == 0 or step + 1 == total:
+            done_this_run += 1
+            stopping = args.stop_after is not None and done_this_run >= args.stop_after
+            if (step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopping:
                 save_checkpoint(
                     checkpoint_path,
                     {
@@ -126,6 +132,10 @@ def train(args: argparse.Namespace) -> Path:
                         "history": history,
                     },
                 )
+            if stopping:
+                bar.close()
+                log(f"stopped after {done_this_run} steps; re-run the same command to resume")
+                return None
         step = 0
     weights = args.out / "reader.safetensors"
     save_tower(model, weights)
