@@ -81,7 +81,7 @@ def cv_auroc(X, labels) -> float:
 
 
 def layer_aurocs(model, processor, prompts: Sequence[Prompt], batch_size: int) -> list[float]:
-    """Cross-validated probe AUROC on each layer's last-position state (index 0 = embeddings)."""
+    """Cross-validated probe AUROC on each decoder layer's output at the last prompt position."""
     features = extract_features(model, processor, prompts, batch_size=batch_size, candidates=(),
                                 description="layer states")
     states = features.layer_states

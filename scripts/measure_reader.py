@@ -61,7 +61,7 @@ def plot_layers(text: list[float], image: list[float], path: Path) -> None:
     axis.plot(range(len(text)), text, marker="o", markersize=3, label="request as text")
     axis.plot(range(len(image)), image, marker="o", markersize=3, label="request as FigStep image")
     axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-    axis.set(xlabel="layer (0 = embeddings)", ylabel="probe AUROC (5-fold CV)", ylim=(0.3, 1.02),
+    axis.set(xlabel="decoder layer (output, last prompt position)", ylabel="probe AUROC (5-fold CV)", ylim=(0.3, 1.02),
              title="Where harmfulness becomes linearly readable: text vs image")
     axis.legend(loc="lower right")
     figure.tight_layout()
