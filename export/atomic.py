@@ -20,7 +20,8 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise UserInputError(f"output path {out} exists and is not a directory")
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it; restored at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -35,7 +36,8 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the artifact gets a plain mkdir's mode
+        # mkdtemp makes it private (0700); the artifact gets a plain mkdir's mode
+        staging.chmod(0o777 & ~current_umask())
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(trash / out.name)

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
+from export.atomic import current_umask
 from reader.corpus import random_phrase, split_sentences, stdlib_sentences, vocabulary_words
 from reader.render import Sample, font_paths, render_sample
 from reader.transcribe import transcription_prompt
@@ -226,4 +227,5 @@ def save_tower(model: PreTrainedModel, path: Path) -> None:
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.model.visual.state_dict().items()}
     partial = path.with_suffix(".partial")
     save_file(tensors, partial, metadata={"format": "pt", "vision_config": str(READER_VISION)})
+    partial.chmod(0o666 & ~current_umask())  # safetensors writes 0600; this file is meant to be shared
     os.replace(partial, path)
