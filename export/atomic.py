@@ -27,6 +27,22 @@ def current_umask() -> int:
     return mask
 
 
+def _give_plain_modes(staging: Path) -> None:
+    """Folders and written files get a plain mkdir's / open()'s mode, so a shared artifact is readable.
+
+    mkdtemp makes the folder private (0700) and safetensors writes its files 0600. Hard-linked files
+    (base shards linked from a model cache) are left alone: their mode belongs to the cache's owner.
+    """
+    mask = current_umask()
+    for path in [staging, *staging.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        elif path.stat().st_nlink == 1:
+            path.chmod(0o666 & ~mask)
+
+
 @contextmanager
 def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `out`, on failure it is deleted."""
@@ -36,8 +52,7 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
-        # mkdtemp makes it private (0700); the artifact gets a plain mkdir's mode
-        staging.chmod(0o777 & ~current_umask())
+        _give_plain_modes(staging)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(trash / out.name)

@@ -22,6 +22,24 @@ def test_output_appears_complete_with_mkdir_permissions(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["artifact", "plain"]
 
 
+def test_private_files_get_a_plain_mode_but_hard_links_keep_theirs(tmp_path):
+    """safetensors writes 0600; a shared artifact must be readable. A linked cache shard is not ours to change."""
+    shard = tmp_path / "cache-shard"
+    shard.write_text("weights")
+    shard.chmod(0o600)
+    out = tmp_path / "artifact"
+    with atomic_output_dir(out, force=False) as staging:
+        (staging / "sub").mkdir(mode=0o700)
+        (staging / "sub" / "sasa.safetensors").write_text("probe")
+        (staging / "sub" / "sasa.safetensors").chmod(0o600)
+        os.link(shard, staging / "model.safetensors")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    assert (out / "sub" / "sasa.safetensors").stat().st_mode == plain.stat().st_mode
+    assert (out / "sub").stat().st_mode == out.stat().st_mode
+    assert shard.stat().st_mode & 0o777 == 0o600
+
+
 def test_failure_leaves_the_old_output_untouched(tmp_path):
     out = tmp_path / "artifact"
     out.mkdir()
