@@ -85,10 +85,11 @@ def _tokenizer(processor):
 
 
 @contextlib.contextmanager
-def _left_padding(processor) -> Iterator[None]:
+def padding_side(processor, side: str) -> Iterator[None]:
+    """Pad on `side` inside the block: left for generation and last-position features, right for training."""
     tokenizer = _tokenizer(processor)
     previous = getattr(tokenizer, "padding_side", None)
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = side
     try:
         yield
     finally:
@@ -118,7 +119,7 @@ def encode_prompts(processor, prompts: Sequence) -> dict[str, torch.Tensor]:
     kwargs: dict = {"text": texts, "padding": True, "return_tensors": "pt", "add_special_tokens": not starts_with_bos}
     if images:
         kwargs["images"] = images
-    with _left_padding(processor):
+    with padding_side(processor, "left"):
         batch = processor(**kwargs)
     return {key: value for key, value in dict(batch).items() if value is not None}
 

@@ -30,6 +30,8 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionCon
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from export.atomic import current_umask
+from patcher.errors import UserInputError
+from probes.features import padding_side
 from reader.corpus import random_phrase, split_sentences, stdlib_sentences, vocabulary_words
 from reader.render import Sample, font_paths, render_sample
 from reader.transcribe import transcription_prompt
@@ -171,11 +173,15 @@ class CtcObjective(torch.nn.Module):
         return ctc + NORM_WEIGHT * ((norms / self.target_norm - 1) ** 2).mean()
 
 
+def merged_token_counts(model: PreTrainedModel, grid_thw: torch.Tensor) -> list[int]:
+    """How many image tokens each image becomes after the merger (one per 2x2 patches)."""
+    return (grid_thw.prod(-1) // model.model.visual.spatial_merge_size**2).tolist()
+
+
 def image_features(model: PreTrainedModel, inputs) -> list[torch.Tensor]:
     """The merged image tokens the language model would receive, one tensor per image."""
     features = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
-    sizes = (inputs["image_grid_thw"].prod(-1) // model.model.visual.spatial_merge_size**2).tolist()
-    return list(torch.split(features, sizes))
+    return list(torch.split(features, merged_token_counts(model, inputs["image_grid_thw"])))
 
 
 def ctc_loss(
@@ -191,15 +197,12 @@ def lm_loss(model: PreTrainedModel, processor: ProcessorMixin, samples: list[Sam
     tokenizer = processor.tokenizer
     prompt = transcription_prompt(processor)
     texts = [prompt + s.text + "<|im_end|>" for s in samples]
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
+    with padding_side(processor, "right"):
         inputs = processor(text=texts, images=[s.image for s in samples], padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = padding_side
     inputs = inputs.to(model.device)
     labels = inputs["input_ids"].clone()
     labels[inputs["attention_mask"] == 0] = -100
-    image_tokens = (inputs["image_grid_thw"].prod(-1) // model.model.visual.spatial_merge_size**2).tolist()
+    image_tokens = merged_token_counts(model, inputs["image_grid_thw"])
     prompt_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids) - 1
     for row, count in enumerate(image_tokens):
         labels[row, : prompt_tokens + count] = -100
@@ -216,7 +219,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, settings: ReaderSettings) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["settings"] != dataclasses.asdict(settings):
-        raise ValueError(
+        raise UserInputError(
             f"{path} was written with other settings ({state['settings']}); resume with the same ones or pass --restart"
         )
     return state

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
+from probes.features import padding_side
 from reader.corpus import normalise
 
 TRANSCRIBE_PROMPT = "Transcribe the text in the image."
@@ -35,19 +36,15 @@ def transcribe(
 ) -> list[str]:
     """Greedy transcriptions, batched with left padding (the answer starts at the same column)."""
     prompt = transcription_prompt(processor)
-    tokenizer = processor.tokenizer
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers: list[str] = []
-    try:
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start : start + batch_size])
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start : start + batch_size])
+        with padding_side(processor, "left"):
             inputs = processor(text=[prompt] * len(chunk), images=chunk, padding=True, return_tensors="pt")
-            inputs = inputs.to(model.device)
-            output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-            new = output[:, inputs["input_ids"].shape[1] :]
-            answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = padding_side
+        inputs = inputs.to(model.device)
+        output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        new = output[:, inputs["input_ids"].shape[1] :]
+        answers += [text.strip() for text in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
 
 

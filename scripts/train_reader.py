@@ -71,8 +71,8 @@ def settings_from(args: argparse.Namespace) -> ReaderSettings:
     return settings
 
 
-def train(args: argparse.Namespace) -> Path | None:
-    """Train (or resume) to the end, or to --stop-after steps; returns the weights once training is complete."""
+def train(args: argparse.Namespace) -> None:
+    """Train (or resume) to the end, writing reader.safetensors, or checkpoint and stop after --stop-after steps."""
     settings = settings_from(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
@@ -135,13 +135,12 @@ def train(args: argparse.Namespace) -> Path | None:
             if stopping:
                 bar.close()
                 log(f"stopped after {done_this_run} steps; re-run the same command to resume")
-                return None
+                return
         step = 0
     weights = args.out / "reader.safetensors"
     save_tower(model, weights)
     (args.out / "history.json").write_text(json.dumps(history) + "\n")
     log(f"trained in {time.monotonic() - started:.0f} s this run; weights in {weights}")
-    return weights
 
 
 def main(argv: list[str] | None = None) -> int:
