@@ -40,7 +40,7 @@ import torch
 from export.onnx_export import export_decoder
 from export.onnx_runtime import text_positions
 from patcher.errors import UserInputError
-from patcher.modeling_sasa import SasaSettings, transformers_base_class
+from patcher.modeling_sasa import CACHE_KEY, SasaSettings, transformers_base_class
 
 VARIANTS = ("baseline", "gate", "augment")
 # measure -> (phase, patched variant); every measure is that variant's median over the baseline's.
@@ -173,14 +173,14 @@ def _torch_run(forward, ids: torch.Tensor, prompt_tokens: int, device: torch.dev
     steps = ids.shape[1] - prompt_tokens
     _sync(device)
     started = time.perf_counter()
-    cache = forward(input_ids=ids[:, :prompt_tokens], attention_mask=mask[:, :prompt_tokens], use_cache=True,
-                    logits_to_keep=1).past_key_values
+    out = forward(input_ids=ids[:, :prompt_tokens], attention_mask=mask[:, :prompt_tokens], use_cache=True,
+                  logits_to_keep=1)
     _sync(device)
     prefill = time.perf_counter() - started
     started = time.perf_counter()
     for position in range(prompt_tokens, ids.shape[1]):
-        cache = forward(input_ids=ids[:, position:position + 1], attention_mask=mask[:, :position + 1],
-                        past_key_values=cache, use_cache=True).past_key_values
+        out = forward(input_ids=ids[:, position:position + 1], attention_mask=mask[:, :position + 1],
+                      use_cache=True, **{CACHE_KEY: getattr(out, CACHE_KEY)})
     _sync(device)
     return prefill, (time.perf_counter() - started) / steps
 

@@ -42,6 +42,9 @@ PROJECTION_MODES = ("replace", "residual", "interpolate")
 SERVING_MODES = ("gate", "augment")
 PROBE_FEATURES = ("projected-logits", "logits", "hidden")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
+# transformers 5.24 renamed the KV cache's argument and output field `past_key_values` -> `cache`
+# (decoder layers, masks, model outputs, generation); artifacts load this file under either name.
+CACHE_KEY = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 @dataclass
@@ -170,8 +173,18 @@ class SasaOutput(ModelOutput):
 
     logits: torch.Tensor | None = None
     unsafe_prob: torch.Tensor | None = None
-    past_key_values: SasaCache | None = None
+    if CACHE_KEY == "cache":
+        cache: SasaCache | None = None
+    else:
+        past_key_values: SasaCache | None = None
     sasa_features: dict[str, torch.Tensor] | None = None
+
+
+def one_cache(cache: SasaCache | None, past_key_values: SasaCache | None) -> SasaCache | None:
+    """The cache under whichever name the caller's transformers version uses; both at once is ambiguous."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache once: as `cache` (transformers >= 5.24) or as `past_key_values`")
+    return cache if cache is not None else past_key_values
 
 
 def text_positions(
@@ -246,8 +259,8 @@ class SasaMixin:
             config=text_model.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=cache,
             position_ids=text_pos,
+            **{CACHE_KEY: cache},
         )
         masks = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in self._layer_types(text_model):
@@ -270,8 +283,8 @@ class SasaMixin:
                 attention_mask=masks[layer_types[index]],
                 position_embeddings=rotary,
                 position_ids=text_pos,
-                past_key_values=layer_cache,
                 use_cache=layer_cache is not None,
+                **{CACHE_KEY: layer_cache},
             )
             outputs[index] = hidden
         return hidden, outputs
@@ -281,14 +294,18 @@ class SasaMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: SasaCache | None = None,
+        cache: SasaCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         output_sasa_features: bool = False,
+        past_key_values: SasaCache | None = None,
         **kwargs,
     ) -> SasaOutput:
-        """Keyword arguments beyond the named ones are the family's image inputs (`pixel_values`, ...)."""
+        """Keyword arguments beyond the named ones are the family's image inputs (`pixel_values`, ...).
+
+        The cache arrives as `cache` (transformers >= 5.24) or `past_key_values` (earlier).
+        """
         multimodal = kwargs
         settings = self.sasa
         text_model = self.sasa_text_model()
@@ -296,7 +313,7 @@ class SasaMixin:
         for ignored in ("return_dict", "output_attentions", "output_hidden_states", "cache_position"):
             multimodal.pop(ignored, None)
 
-        cache = past_key_values
+        cache = one_cache(cache, past_key_values)
         if cache is not None and not isinstance(cache, SasaCache):
             raise TypeError("SASA models need a SasaCache (two streams); pass None to start a new one")
         use_cache = self.config.get_text_config().use_cache if use_cache is None else use_cache
@@ -306,7 +323,7 @@ class SasaMixin:
         prefill = past_length == 0
         if output_sasa_features and not prefill:
             # The uncached streams the features need would see only the new tokens, not the prompt.
-            raise ValueError("output_sasa_features reads a prompt: call it without past_key_values (a fresh cache)")
+            raise ValueError("output_sasa_features reads a prompt: call it without a cache (a fresh one)")
 
         embeds = self.sasa_input_embeddings(input_ids, inputs_embeds, multimodal)
         batch, seq_len = embeds.shape[:2]
@@ -346,8 +363,8 @@ class SasaMixin:
         return SasaOutput(
             logits=logits,
             unsafe_prob=unsafe_prob,
-            past_key_values=cache if use_cache else None,
             sasa_features=features if output_sasa_features else None,
+            **{CACHE_KEY: cache if use_cache else None},
         )
 
     def sasa_serving_streams(self, text_model, embeds, masks, rotary, text_pos, cache, all_original_layers=False):
@@ -451,8 +468,10 @@ class SasaMixin:
             raise ValueError("SASA generation supports greedy and sampling decoding, not beam search")
         if kwargs.get("use_cache") is False:
             raise ValueError("SASA generation needs the KV cache (use_cache=True)")
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = SasaCache(self.config, enforce_refusal=self.sasa.mode == "gate")
+        cache = one_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
+        if cache is None:
+            cache = SasaCache(self.config, enforce_refusal=self.sasa.mode == "gate")
+        kwargs[CACHE_KEY] = cache
         return super().generate(*args, **kwargs)
 
     def _validate_model_kwargs(self, model_kwargs: dict) -> None:

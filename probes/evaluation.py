@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from patcher.modeling_sasa import CACHE_KEY
 from probes.datasets import BENIGN, HARMFUL, Prompt, dedupe, load_over_refusal, load_rho_over_refusal
 from probes.features import batched, encode_prompts, length_order, model_device_dtype, prompt_texts, to_model
 from probes.probe import operating_point
@@ -143,7 +144,7 @@ class TorchSystem:
                                   return_dict_in_generate=True)
         new_tokens = out.sequences[:, batch["input_ids"].shape[1]:]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        verdict = getattr(out.past_key_values, "unsafe_prob", None)
+        verdict = getattr(getattr(out, CACHE_KEY), "unsafe_prob", None)
         scores = [None] * len(texts) if verdict is None else verdict.float().cpu().tolist()
         return [Generation(text, score) for text, score in zip(texts, scores, strict=True)]
 

@@ -31,7 +31,7 @@ from export.benchmark import (
 )
 from export.onnx_export import UNSAFE_PROB_NOT_COMPUTED, DecoderGraph, export_decoder
 from export.onnx_parity import LOGITS_TOLERANCE
-from patcher.modeling_sasa import SasaSettings
+from patcher.modeling_sasa import CACHE_KEY, SasaSettings
 from patcher.patching import patch_model
 from tiny_calibration import tiny_processor
 from tiny_models import IMAGE_TOKEN, build_qwen2_vl
@@ -124,15 +124,15 @@ def test_unpatched_decoder_graph_equals_the_unpatched_model(baseline_graph):
     with torch.inference_mode():
         embeds = unpatched.get_input_embeddings()(ids).numpy()
         reference = unpatched(input_ids=ids[:, :7], attention_mask=torch.from_numpy(mask[:, :7]),
-                              past_key_values=DynamicCache(config=unpatched.config), use_cache=True)
+                              use_cache=True, **{CACHE_KEY: DynamicCache(config=unpatched.config)})
         outputs = decoder.step(embeds[:, :7], mask[:, :7], decoder.empty_past(2))
         assert np.abs(outputs[0].numpy() - reference.logits.numpy()).max() <= LOGITS_TOLERANCE
         assert outputs[1].numpy().tolist() == [UNSAFE_PROB_NOT_COMPUTED] * 2
-        cache = reference.past_key_values
+        cache = getattr(reference, CACHE_KEY)
         for position in (7, 8):
             reference = unpatched(input_ids=ids[:, position:position + 1],
-                                  attention_mask=torch.from_numpy(mask[:, :position + 1]), past_key_values=cache,
-                                  use_cache=True)
+                                  attention_mask=torch.from_numpy(mask[:, :position + 1]), use_cache=True,
+                                  **{CACHE_KEY: cache})
             outputs = decoder.step(embeds[:, position:position + 1], mask[:, :position + 1], outputs[2:])
             assert np.abs(outputs[0].numpy() - reference.logits.numpy()).max() <= LOGITS_TOLERANCE
             assert outputs[1].numpy().tolist() == [UNSAFE_PROB_NOT_COMPUTED] * 2

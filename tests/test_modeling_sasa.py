@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from patcher.modeling_sasa import SasaCache, SasaSettings, sasa_project
+from patcher.modeling_sasa import CACHE_KEY, SasaCache, SasaSettings, sasa_project
 from patcher.patching import patch_model
 
 S, F = 1, 3
@@ -168,7 +168,7 @@ def test_gate_mode_refuses_flagged_rows_and_leaves_others_untouched(family):
 @torch.no_grad()
 def test_augment_mode_keeps_two_caches(family):
     _, model = patched(family, mode="augment")
-    cache = model(**family.make_batch([7], [False])).past_key_values
+    cache = getattr(model(**family.make_batch([7], [False])), CACHE_KEY)
     assert isinstance(cache, SasaCache)
     assert cache.get_seq_length() == 7
     assert cache.projected.get_seq_length(S + 1) == 7
@@ -179,7 +179,22 @@ def test_plain_cache_is_refused(family):
 
     _, model = patched(family)
     with pytest.raises(TypeError, match="SasaCache"):
-        model(**family.make_batch([5], [False]), past_key_values=DynamicCache())
+        model(**family.make_batch([5], [False]), **{CACHE_KEY: DynamicCache()})
+
+
+@torch.no_grad()
+def test_the_cache_is_taken_under_either_name(family):
+    """transformers >= 5.24 passes `cache`, earlier versions `past_key_values`; a caller may use either."""
+    _, model = patched(family, mode="augment")
+    prompt = family.make_batch([5], [False])
+    step = {"input_ids": prompt["input_ids"][:, -1:], "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    logits = []
+    for name in ("cache", "past_key_values"):
+        cache = getattr(model(**prompt), CACHE_KEY)
+        logits.append(model(**step, **{name: cache}).logits)
+    assert torch.equal(logits[0], logits[1])
+    with pytest.raises(ValueError, match="pass the cache once"):
+        model(**step, cache=cache, past_key_values=cache)
 
 
 @pytest.mark.parametrize("mode", ["gate", "augment"])
@@ -187,7 +202,7 @@ def test_features_at_a_decode_step_are_refused(family, mode):
     _, model = patched(family, mode=mode)
     batch = family.make_batch([5], [False])
     with torch.no_grad():
-        cache = model(**batch).past_key_values
+        cache = getattr(model(**batch), CACHE_KEY)
         step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": torch.ones(1, 6, dtype=torch.long)}
-        with pytest.raises(ValueError, match="without past_key_values"):
-            model(**step, past_key_values=cache, output_sasa_features=True)
+        with pytest.raises(ValueError, match="without a cache"):
+            model(**step, output_sasa_features=True, **{CACHE_KEY: cache})
