@@ -21,6 +21,7 @@ from pathlib import Path
 
 HELDOUT_FRACTION = 0.05
 MAX_WORDS = 20
+MAX_PHRASE_WORDS = 12
 # Words are drawn log-uniformly over the first VOCABULARY_TOP merge ranks: as much mass per decade of
 # rarity, so common words dominate yet thousands of rarer ones are seen.
 VOCABULARY_TOP = 20000
@@ -90,7 +91,7 @@ def vocabulary_words(tokenizer) -> list[str]:
     return words
 
 
-def random_phrase(rng: random.Random, words: list[str], max_words: int = 12) -> str:
+def random_phrase(rng: random.Random, words: list[str], max_words: int = MAX_PHRASE_WORDS) -> str:
     """A run of vocabulary words, Zipf-weighted by merge rank, with sentence-like casing and punctuation."""
     count = rng.randint(2, max_words)
     top = min(len(words), VOCABULARY_TOP)

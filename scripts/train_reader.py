@@ -25,6 +25,7 @@ from patcher.console import log, report_user_error
 from patcher.embedded import SMOLLM2_VOCAB
 from patcher.errors import UserInputError
 from patcher.loading import load_model
+from reader.measure import heldout_sentences, styled_samples
 from reader.training import (
     CHECKPOINT_NAME,
     STAGES,
@@ -32,14 +33,19 @@ from reader.training import (
     ReaderSettings,
     TextSource,
     ctc_loss,
+    curriculum_words,
     freeze_language_model,
     fresh_tower,
     learning_rate,
     lm_loss,
     load_checkpoint,
+    recognition_score,
     save_checkpoint,
     save_tower,
 )
+
+# Held-out renderings scored at each ctc checkpoint: enough to see a trend, ~1 s on CPU.
+RECOGNITION_PROBE_SIZE = 32
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ctc-lr", type=float, default=defaults.ctc_lr)
     parser.add_argument("--lm-lr", type=float, default=defaults.lm_lr)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--curriculum-steps", type=int, default=defaults.curriculum_steps,
+                        help="ctc steps over which texts grow from 2 words to whole sentences (0: off)")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="steps between checkpoints (each ctc checkpoint also scores greedy CTC reading)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
@@ -66,8 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> ReaderSettings:
     fields = {field.name for field in dataclasses.fields(ReaderSettings)}
     settings = ReaderSettings(**{name: getattr(args, name) for name in fields})
-    if min(settings.ctc_steps, settings.lm_steps) < 0 or min(settings.ctc_batch, settings.lm_batch) < 1:
-        raise UserInputError("steps must be >= 0 and batches >= 1")
+    if min(settings.ctc_steps, settings.lm_steps, settings.curriculum_steps) < 0:
+        raise UserInputError("--ctc-steps, --lm-steps and --curriculum-steps must be >= 0")
+    if min(settings.ctc_batch, settings.lm_batch) < 1:
+        raise UserInputError("--ctc-batch and --lm-batch must be >= 1")
     return settings
 
 
@@ -89,6 +100,7 @@ def train(args: argparse.Namespace) -> None:
     objective.start_at_centre(model)
     optimizer = torch.optim.AdamW([*parameters, objective.blank], lr=settings.ctc_lr, weight_decay=0.01)
     source = TextSource(processor.tokenizer)
+    recognition_probe = styled_samples(heldout_sentences(RECOGNITION_PROBE_SIZE))
     history: list[dict] = []
     stage_index, step = 0, 0
     if checkpoint_path.exists() and not args.restart:
@@ -106,7 +118,8 @@ def train(args: argparse.Namespace) -> None:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(settings, stage, step)
-            samples = source.samples(settings.seed, stage, step, settings.batch(stage))
+            words = curriculum_words(settings, stage, step)
+            samples = source.samples(settings.seed, stage, step, settings.batch(stage), words)
             if stage == "ctc":
                 loss = ctc_loss(model, processor, objective, samples, settings.seed * 1_000_003 + step)
             else:
@@ -120,6 +133,13 @@ def train(args: argparse.Namespace) -> None:
             done_this_run += 1
             stopping = args.stop_after is not None and done_this_run >= args.stop_after
             if (step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopping:
+                if stage == "ctc":
+                    model.eval()
+                    reading = recognition_score(model, processor, objective, recognition_probe)
+                    model.train()
+                    history[-1]["read_accuracy"] = reading["token_accuracy"]
+                    bar.write(f"step {step + 1}: greedy CTC reading of {RECOGNITION_PROBE_SIZE} held-out renderings, "
+                              f"token accuracy {reading['token_accuracy']:.3f}")
                 save_checkpoint(
                     checkpoint_path,
                     {

@@ -9,7 +9,16 @@ import torch
 from safetensors.torch import load_file
 from script_loader import load_script
 
-from reader.training import CtcObjective, ReaderSettings, learning_rate, load_checkpoint, save_checkpoint
+from reader.render import LIST_MARKERS, Sample
+from reader.training import (
+    CtcObjective,
+    ReaderSettings,
+    TextSource,
+    curriculum_words,
+    learning_rate,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 class EmbeddingOnly(torch.nn.Module):
@@ -47,6 +56,39 @@ def test_ctc_gradient_reaches_the_image_tokens() -> None:
     assert features.grad is not None and features.grad.abs().sum() > 0
 
 
+def test_greedy_reading_decodes_a_ctc_path() -> None:
+    model = EmbeddingOnly()
+    objective = CtcObjective(model, vocabulary_size=50)
+    rows = model.embedding.weight.detach()
+    blank = objective.centre + objective.blank.detach()  # the blank's direction in the centred space
+    path = torch.stack([blank, rows[7], rows[7], blank, rows[3], blank, rows[3], rows[12], blank])
+    assert objective.read([path, rows[[5, 5, 9]]]) == [[7, 3, 3, 12], [5, 9]]
+
+
+def test_curriculum_grows_texts_from_two_words_to_whole_sentences() -> None:
+    settings = ReaderSettings(ctc_steps=1000, curriculum_steps=500)
+    caps = [curriculum_words(settings, "ctc", step) for step in range(500)]
+    assert caps[0] == 2 and caps[-1] == 11 and caps == sorted(caps)
+    assert curriculum_words(settings, "ctc", 500) is None
+    assert curriculum_words(settings, "lm", 0) is None
+    assert curriculum_words(ReaderSettings(), "ctc", 0) is None
+
+
+def test_text_source_respects_the_word_cap() -> None:
+    class Vocab:
+        def get_vocab(self) -> dict[str, int]:
+            return {f"Ġword{chr(97 + i)}": i for i in range(26)}
+
+    source = TextSource(Vocab())
+    def words(sample: Sample) -> int:
+        return len(sample.text.removesuffix(LIST_MARKERS).split())
+
+    capped = source.samples(seed=0, stage="ctc", step=3, count=24, max_words=3)
+    assert all(1 <= words(sample) <= 3 for sample in capped)
+    free = source.samples(seed=0, stage="ctc", step=3, count=24)
+    assert max(words(sample) for sample in free) > 3
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
     settings = ReaderSettings(ctc_steps=1000, ctc_lr=1e-3, warmup_steps=100)
     assert learning_rate(settings, "ctc", 0) == pytest.approx(1e-5)
@@ -66,7 +108,7 @@ def test_checkpoint_round_trip_and_settings_mismatch(tmp_path) -> None:
 
 def test_bad_settings_exit_2(capsys) -> None:
     assert load_script("train_reader").main(["--ctc-steps", "-1"]) == 2
-    assert "steps must be" in capsys.readouterr().err
+    assert "--ctc-steps, --lm-steps and --curriculum-steps must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.integration
