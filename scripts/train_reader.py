@@ -39,13 +39,10 @@ from reader.training import (
     learning_rate,
     lm_loss,
     load_checkpoint,
-    recognition_score,
+    progress_score,
     save_checkpoint,
     save_tower,
 )
-
-# Held-out renderings scored at each ctc checkpoint: enough to see a trend, ~1 s on CPU.
-RECOGNITION_PROBE_SIZE = 32
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,7 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--curriculum-steps", type=int, default=defaults.curriculum_steps,
                         help="ctc steps over which texts grow from 2 words to whole sentences (0: off)")
     parser.add_argument("--checkpoint-every", type=int, default=100,
-                        help="steps between checkpoints (each ctc checkpoint also scores greedy CTC reading)")
+                        help="steps between checkpoints (each also scores --heldout-probe held-out renderings)")
+    parser.add_argument("--heldout-probe", type=int, default=32, metavar="N",
+                        help="held-out renderings scored at each checkpoint (0: none; the lm stage uses 8 at most)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
@@ -77,6 +76,8 @@ def settings_from(args: argparse.Namespace) -> ReaderSettings:
     settings = ReaderSettings(**{name: getattr(args, name) for name in fields})
     if min(settings.ctc_steps, settings.lm_steps, settings.curriculum_steps) < 0:
         raise UserInputError("--ctc-steps, --lm-steps and --curriculum-steps must be >= 0")
+    if args.heldout_probe < 0:
+        raise UserInputError("--heldout-probe must be >= 0")
     if min(settings.ctc_batch, settings.lm_batch) < 1:
         raise UserInputError("--ctc-batch and --lm-batch must be >= 1")
     return settings
@@ -100,7 +101,7 @@ def train(args: argparse.Namespace) -> None:
     objective.start_at_centre(model)
     optimizer = torch.optim.AdamW([*parameters, objective.blank], lr=settings.ctc_lr, weight_decay=0.01)
     source = TextSource(processor.tokenizer)
-    recognition_probe = styled_samples(heldout_sentences(RECOGNITION_PROBE_SIZE))
+    heldout_probe = styled_samples(heldout_sentences(args.heldout_probe))
     history: list[dict] = []
     stage_index, step = 0, 0
     if checkpoint_path.exists() and not args.restart:
@@ -133,13 +134,13 @@ def train(args: argparse.Namespace) -> None:
             done_this_run += 1
             stopping = args.stop_after is not None and done_this_run >= args.stop_after
             if (step + 1) % args.checkpoint_every == 0 or step + 1 == total or stopping:
-                if stage == "ctc":
+                if heldout_probe:
                     model.eval()
-                    reading = recognition_score(model, processor, objective, recognition_probe)
+                    progress = progress_score(stage, model, processor, objective, heldout_probe)
                     model.train()
-                    history[-1]["read_accuracy"] = reading["token_accuracy"]
-                    bar.write(f"step {step + 1}: greedy CTC reading of {RECOGNITION_PROBE_SIZE} held-out renderings, "
-                              f"token accuracy {reading['token_accuracy']:.3f}")
+                    history[-1]["heldout_token_accuracy"] = progress["token_accuracy"]
+                    bar.write(f"{stage} step {step + 1}: held-out token accuracy {progress['token_accuracy']:.3f} "
+                              f"({'greedy CTC reading' if stage == 'ctc' else 'transcription'})")
                 save_checkpoint(
                     checkpoint_path,
                     {

@@ -116,7 +116,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path) -> None:
     """Seeded and resumable: stop after 2 steps and resume, or run straight through: same tower."""
     script = load_script("train_reader")
     common = ["--ctc-steps", "2", "--lm-steps", "1", "--ctc-batch", "2", "--lm-batch", "1", "--warmup-steps", "1",
-              "--threads", "2"]
+              "--threads", "2", "--heldout-probe", "2"]
     assert script.main([*common, "--out", str(tmp_path / "straight")]) == 0
     assert script.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "2"]) == 0
     assert not (tmp_path / "resumed" / "reader.safetensors").exists()
