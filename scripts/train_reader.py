@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from patcher.console import log, report_user_error
 from patcher.embedded import SMOLLM2_VOCAB
 from patcher.errors import UserInputError
 from patcher.loading import load_model
+from reader.history import write_history
 from reader.measure import heldout_sentences, styled_samples
 from reader.training import (
     CHECKPOINT_NAME,
@@ -153,6 +153,7 @@ def train(args: argparse.Namespace) -> None:
                         "history": history,
                     },
                 )
+                write_history(history, args.out)
             if stopping:
                 bar.close()
                 log(f"stopped after {done_this_run} steps; re-run the same command to resume")
@@ -160,7 +161,6 @@ def train(args: argparse.Namespace) -> None:
         step = 0
     weights = args.out / "reader.safetensors"
     save_tower(model, weights)
-    (args.out / "history.json").write_text(json.dumps(history) + "\n")
     log(f"trained in {time.monotonic() - started:.0f} s this run; weights in {weights}")
 
 
