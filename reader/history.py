@@ -46,6 +46,7 @@ def plot_history(history: list[dict], path: Path) -> None:
         entries = [entry for entry in history if entry["stage"] == stage]
         steps = [entry["step"] for entry in entries]
         axis.plot(steps, moving_average([entry["loss"] for entry in entries], SMOOTHING_STEPS), color="tab:blue")
+        axis.set_yscale("log")  # early losses are an order of magnitude above the plateaus that matter
         axis.set_xlabel(f"{stage} step")
         axis.set_ylabel(f"loss ({SMOOTHING_STEPS}-step mean)", color="tab:blue")
         axis.grid(alpha=0.3)
