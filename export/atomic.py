@@ -44,6 +44,22 @@ def _give_plain_modes(staging: Path) -> None:
 
 
 @contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a sibling path to write; on success it replaces `path` with a plain file's mode, else it is removed.
+
+    The temporary name keeps the suffix, so writers that choose the format from it (matplotlib) still work.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield partial
+        partial.chmod(0o666 & ~current_umask())  # safetensors writes 0600; these files are meant to be shared
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextmanager
 def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `out`, on failure it is deleted."""
     out = Path(out)

@@ -7,11 +7,11 @@ loss (a moving average: single batches are noisy) and the held-out accuracy of e
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from export.atomic import atomic_file
 from reader.training import STAGES
 
 SMOOTHING_STEPS = 25
@@ -27,9 +27,8 @@ def moving_average(values: list[float], window: int) -> np.ndarray:
 
 def write_history(history: list[dict], folder: Path) -> None:
     """history.json and history.png in `folder`, each replaced whole (a reader never sees half a file)."""
-    partial = folder / "history.json.partial"
-    partial.write_text(json.dumps(history) + "\n")
-    os.replace(partial, folder / "history.json")
+    with atomic_file(folder / "history.json") as partial:
+        partial.write_text(json.dumps(history) + "\n")
     plot_history(history, folder / "history.png")
 
 
@@ -57,6 +56,6 @@ def plot_history(history: list[dict], path: Path) -> None:
         twin.set_ylim(0, 1)
         twin.set_ylabel("held-out token accuracy", color="tab:red")
         axis.set_title({"ctc": "recognition (greedy CTC reading)", "lm": "transcription by the language model"}[stage])
-    figure.savefig(path.with_suffix(".partial.png"), dpi=110)
+    with atomic_file(path) as partial:
+        figure.savefig(partial, dpi=110)
     plt.close(figure)
-    os.replace(path.with_suffix(".partial.png"), path)

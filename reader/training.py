@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from export.atomic import current_umask
+from export.atomic import atomic_file
 from patcher.errors import UserInputError
 from probes.features import padding_side
 from reader.corpus import MAX_PHRASE_WORDS, random_phrase, split_sentences, stdlib_sentences, vocabulary_words
@@ -257,9 +256,8 @@ def lm_loss(model: PreTrainedModel, processor: ProcessorMixin, samples: list[Sam
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: a run killed mid-write keeps the previous checkpoint."""
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    with atomic_file(path) as partial:
+        torch.save(state, partial)
 
 
 def load_checkpoint(path: Path, settings: ReaderSettings) -> dict:
@@ -274,7 +272,5 @@ def load_checkpoint(path: Path, settings: ReaderSettings) -> dict:
 def save_tower(model: PreTrainedModel, path: Path) -> None:
     """The shipped artifact: the tower and merger weights only, fp32, in safetensors."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.model.visual.state_dict().items()}
-    partial = path.with_suffix(".partial")
-    save_file(tensors, partial, metadata={"format": "pt", "vision_config": str(READER_VISION)})
-    partial.chmod(0o666 & ~current_umask())  # safetensors writes 0600; this file is meant to be shared
-    os.replace(partial, path)
+    with atomic_file(path) as partial:
+        save_file(tensors, partial, metadata={"format": "pt", "vision_config": str(READER_VISION)})

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from export.atomic import atomic_file  # noqa: E402
 from patcher.console import log, report_user_error  # noqa: E402
 from patcher.errors import UserInputError  # noqa: E402
 from patcher.loading import load_model  # noqa: E402
@@ -125,9 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as error:
         return report_user_error(error)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_suffix(".partial")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    partial.replace(args.out)
+    with atomic_file(args.out) as partial:
+        partial.write_text(json.dumps(results, indent=2) + "\n")
     gap = results["cross_modal_gap"]
     plot_layers(gap["layer_auroc_text"], gap["layer_auroc_image"], args.out.with_suffix(".png"))
     log(f"wrote {args.out} and {args.out.with_suffix('.png')} in {results['seconds']:.0f} s")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from export.atomic import atomic_output_dir
+from export.atomic import atomic_file, atomic_output_dir, current_umask
 from patcher.errors import UserInputError
 
 
@@ -54,3 +54,20 @@ def test_existing_output_needs_force(tmp_path):
     (tmp_path / "artifact").mkdir()
     with pytest.raises(UserInputError, match="--force"), atomic_output_dir(tmp_path / "artifact", force=False):
         pass
+
+
+def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path) -> None:
+    target = tmp_path / "chart.png"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as partial:
+            assert partial.suffix == ".png" and partial.parent == tmp_path
+            partial.write_text("half")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "old"
+    with atomic_file(target) as partial:
+        partial.write_text("new")
+        partial.chmod(0o600)
+    assert target.read_text() == "new"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["chart.png"]

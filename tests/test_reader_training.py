@@ -103,7 +103,7 @@ def test_checkpoint_round_trip_and_settings_mismatch(tmp_path) -> None:
     assert torch.equal(load_checkpoint(path, settings)["tower"]["w"], torch.ones(2))
     with pytest.raises(ValueError, match="other settings"):
         load_checkpoint(path, dataclasses.replace(settings, seed=1))
-    assert not path.with_suffix(".partial").exists()
+    assert [leftover.name for leftover in tmp_path.iterdir()] == ["checkpoint.pt"]  # no partial file left
 
 
 def test_bad_settings_exit_2(capsys) -> None:
