@@ -40,11 +40,11 @@ results: install
 # build/reader (resumes from its checkpoint; about an hour on 2 CPU cores with the defaults, which are
 # not enough to read: see README "Teaching the embedded model to read").
 reader: install
-	$(PY) scripts/train_reader.py --out build/reader
+	$(PY) -m reader.train_cli --out build/reader
 
 # Transcription, cross-modal gap and SASA-on-images figures of the embedded model's tower (~15 minutes).
 reader-results: install
-	$(PY) scripts/measure_reader.py --out $(RESULTS)/reader.json
+	$(PY) -m reader.measure_cli --out $(RESULTS)/reader.json
 
 # `test` skips the minutes-long real-model ONNX exports and full calibration (marker `slow`);
 # `test-all` runs them too.

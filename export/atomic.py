@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from patcher.errors import UserInputError
+from sasa_patcher.errors import UserInputError
 
 
 def check_output_dir(out: Path, force: bool) -> None:

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_export import export_decoder
-from export.onnx_runtime import text_positions
-from patcher.errors import UserInputError
-from patcher.modeling_sasa import CACHE_KEY, SasaSettings, transformers_base_class
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.export.onnx_export import export_decoder
+from sasa_patcher.export.onnx_runtime import text_positions
+from sasa_patcher.modeling_sasa import CACHE_KEY, SasaSettings, transformers_base_class
 
 VARIANTS = ("baseline", "gate", "augment")
 # measure -> (phase, patched variant); every measure is that variant's median over the baseline's.

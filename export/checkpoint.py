@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from export.model_card import CardInfo, write_model_card
+from sasa_patcher.export.model_card import CardInfo, write_model_card
 
 SASA_FILE = "sasa.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

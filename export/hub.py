@@ -15,7 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from patcher.errors import UserInputError
+from sasa_patcher.errors import UserInputError
 
 INDEX_FILE = "model.safetensors.index.json"
 IGNORE_PATTERNS = [".*", "**/.*", "*.partial-*", "**/__pycache__/**"]

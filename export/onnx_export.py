@@ -43,7 +43,7 @@ import onnx
 import torch
 from torch import nn
 
-from patcher.modeling_sasa import SasaCache, last_token_index
+from sasa_patcher.modeling_sasa import SasaCache, last_token_index
 
 ONNX_DIRNAME = "onnx"
 CONFIG_NAME = "sasa_onnx.json"
@@ -628,7 +628,7 @@ def export_onnx(
                      "onnxruntime": onnxruntime.__version__},
     }
     if check_parity:
-        from export.onnx_parity import default_parity_cases, measure_parity
+        from sasa_patcher.export.onnx_parity import default_parity_cases, measure_parity
 
         cases = parity_cases if parity_cases is not None else default_parity_cases(model, processor, image_size)
         if cases:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.onnx_runtime import OnnxVlm
+from sasa_patcher.export.onnx_runtime import OnnxVlm
 
 # Logits: 1e-4 absolute, or 1e-5 of the largest |logit| when that is larger. Why the relative part:
 # on the 30-layer embedded SmolLM2 (|logit| up to 38) PyTorch fp32 itself is 9e-5 from an fp64
@@ -110,7 +110,7 @@ def _torch_greedy(model, batch: dict, max_new_tokens: int) -> tuple[np.ndarray, 
 
 @torch.no_grad()
 def compare_case(model, runtime: OnnxVlm, case: dict, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
-    from export.onnx_export import VisionEncoderGraph, image_layout
+    from sasa_patcher.export.onnx_export import VisionEncoderGraph, image_layout
 
     batch = {key: value for key, value in case.items() if key != "name"}
     mask = batch["attention_mask"].bool().numpy()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from patcher.errors import UserInputError
+from sasa_patcher.errors import UserInputError
 
 USER_ERROR_EXIT = 2
 

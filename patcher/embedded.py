@@ -43,8 +43,8 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from patcher.cache import user_cache_dir
-from patcher.errors import UserInputError
+from sasa_patcher.cache import user_cache_dir
+from sasa_patcher.errors import UserInputError
 
 EMBEDDED_MODELS: tuple[str, ...] = ("smol-qwen-vl", "smol-llava")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 
-from patcher.errors import UserInputError
-from patcher.patching import sasa_class_for
-from patcher.processors import load_processor
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.patching import sasa_class_for
+from sasa_patcher.processors import load_processor
 
 ALIASES: dict[str, str] = {
     "qwen-vl": "Qwen/Qwen2-VL-2B-Instruct",
@@ -33,7 +33,7 @@ class LoadedModel:
 
 
 def _embedded_names() -> tuple[str, ...]:
-    from patcher.embedded import EMBEDDED_MODELS
+    from sasa_patcher.embedded import EMBEDDED_MODELS
 
     return EMBEDDED_MODELS
 
@@ -64,7 +64,7 @@ def _from_hub(repo_id: str) -> Path:
 def resolve_model(spec: str) -> Path:
     """Turn `--model` into a local checkpoint directory."""
     if spec in _embedded_names():
-        from patcher.embedded import embedded_model_dir
+        from sasa_patcher.embedded import embedded_model_dir
 
         return embedded_model_dir(spec)
     spec = ALIASES.get(spec, spec)

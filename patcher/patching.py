@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from patcher.errors import UserInputError
-from patcher.modeling_sasa import SASA_CLASSES, SasaMixin, SasaSettings, transformers_base_class
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.modeling_sasa import SASA_CLASSES, SasaMixin, SasaSettings, transformers_base_class
 
 
 def supported_architectures() -> list[str]:

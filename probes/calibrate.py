@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from patcher.modeling_sasa import PROBE_FEATURES
-from probes.features import extract_features, image_sha256
-from probes.localisation import DEFAULT_MAX_PAIRS, Localisation, localise
-from probes.probe import (
+from sasa_patcher.modeling_sasa import PROBE_FEATURES
+from sasa_patcher.probes.features import extract_features, image_sha256
+from sasa_patcher.probes.localisation import DEFAULT_MAX_PAIRS, Localisation, localise
+from sasa_patcher.probes.probe import (
     DEFAULT_CS,
     DEFAULT_FOLDS,
     DEFAULT_SEED,
@@ -38,7 +38,7 @@ from probes.probe import (
     select_feature,
     write_probe,
 )
-from probes.splits import DEFAULT_HELDOUT_FRACTION, group_key, is_heldout
+from sasa_patcher.probes.splits import DEFAULT_HELDOUT_FRACTION, group_key, is_heldout
 
 
 @dataclass

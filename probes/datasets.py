@@ -32,8 +32,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from probes import wheel_data
-from probes.form_augment import FORMS, Form, convert, detect_form
+from sasa_patcher.probes import wheel_data
+from sasa_patcher.probes.form_augment import FORMS, Form, convert, detect_form
 
 log = logging.getLogger(__name__)
 

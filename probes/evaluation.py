@@ -39,13 +39,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patcher.modeling_sasa import CACHE_KEY
-from probes.datasets import BENIGN, HARMFUL, Prompt, dedupe, load_over_refusal, load_rho_over_refusal
-from probes.features import batched, encode_prompts, length_order, model_device_dtype, prompt_texts, to_model
-from probes.probe import operating_point
-from probes.refusal import is_refusal
-from probes.splits import group_key, unit_hash
-from probes.typographic import DEFAULT_SIZE, to_typographic
+from sasa_patcher.modeling_sasa import CACHE_KEY
+from sasa_patcher.probes.datasets import BENIGN, HARMFUL, Prompt, dedupe, load_over_refusal, load_rho_over_refusal
+from sasa_patcher.probes.features import (
+    batched,
+    encode_prompts,
+    length_order,
+    model_device_dtype,
+    prompt_texts,
+    to_model,
+)
+from sasa_patcher.probes.probe import operating_point
+from sasa_patcher.probes.refusal import is_refusal
+from sasa_patcher.probes.splits import group_key, unit_hash
+from sasa_patcher.probes.typographic import DEFAULT_SIZE, to_typographic
 
 DEFAULT_LIMIT = 32
 DEFAULT_MAX_NEW_TOKENS = 48

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from patcher.modeling_sasa import PROBE_FEATURES
+from sasa_patcher.modeling_sasa import PROBE_FEATURES
 
 LAYER_STATES = "layer_states"
 

@@ -51,9 +51,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probes.features import extract_features
-from probes.probe import cross_validate
-from probes.refusal import REFUSAL_OPENINGS
+from sasa_patcher.probes.features import extract_features
+from sasa_patcher.probes.probe import cross_validate
+from sasa_patcher.probes.refusal import REFUSAL_OPENINGS
 
 SAFETY_C = 1e-2
 SAFETY_FRACTION = 0.9
@@ -283,7 +283,7 @@ def typographic_pairs(prompts: Sequence, *, max_pairs: int = DEFAULT_MAX_PAIRS, 
     it as text; if there are none, text prompts are rendered FigStep-style (`probes.typographic`).
     The sample is seeded and balanced between the labels.
     """
-    from probes.typographic import to_typographic
+    from sasa_patcher.probes.typographic import to_typographic
 
     existing = [
         (p, dataclasses.replace(p, text=p.origin, image=None, source=p.source.split("/", 1)[0]))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from patcher.errors import UserInputError
-from probes.datasets import BENIGN, HARMFUL, Prompt
-from probes.form_augment import detect_form
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.probes.datasets import BENIGN, HARMFUL, Prompt
+from sasa_patcher.probes.form_augment import detect_form
 
 
 def _check_image(path: Path, where: str) -> None:

@@ -40,8 +40,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from patcher.modeling_sasa import PROBE_FEATURES
-from probes.features import image_sha256
+from sasa_patcher.modeling_sasa import PROBE_FEATURES
+from sasa_patcher.probes.features import image_sha256
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-5, 2, 8))
 DEFAULT_FOLDS = 5
@@ -307,7 +307,7 @@ def leave_one_source_out(
     families, which the model has not seen either. C is the one chosen for the shipped probe.
     Returns per-family AUROC and counts, plus the mean over families.
     """
-    from probes.splits import group_key, source_family
+    from sasa_patcher.probes.splits import group_key, source_family
 
     X = _as_numpy(X)
     labels = np.asarray([int(p.label) for p in prompts])

@@ -16,7 +16,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from probes.datasets import Prompt, normalise_text
+from sasa_patcher.probes.datasets import Prompt, normalise_text
 
 DEFAULT_HELDOUT_FRACTION = 0.3
 

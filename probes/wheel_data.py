@@ -19,8 +19,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from patcher.cache import user_cache_dir
-from patcher.errors import UserInputError
+from sasa_patcher.cache import user_cache_dir
+from sasa_patcher.errors import UserInputError
 
 PIP_TIMEOUT_S = 600
 

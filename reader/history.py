@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.atomic import atomic_file
 from reader.training import STAGES
+from sasa_patcher.export.atomic import atomic_file
 
 SMOOTHING_STEPS = 25
 

@@ -18,15 +18,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from probes.datasets import Prompt, load_advbench, load_benign, load_harmbench
-from probes.evaluation import TorchSystem, generate_all, take
-from probes.features import extract_features
-from probes.probe import cross_validate
-from probes.refusal import is_refusal
-from probes.typographic import typographic_variants
 from reader.corpus import split_sentences, stdlib_sentences
 from reader.render import Sample, font_paths, render_figstep, render_free
 from reader.transcribe import score, transcribe
+from sasa_patcher.probes.datasets import Prompt, load_advbench, load_benign, load_harmbench
+from sasa_patcher.probes.evaluation import TorchSystem, generate_all, take
+from sasa_patcher.probes.features import extract_features
+from sasa_patcher.probes.probe import cross_validate
+from sasa_patcher.probes.refusal import is_refusal
+from sasa_patcher.probes.typographic import typographic_variants
 
 MAX_HELDOUT_WORDS = 12
 PROBE_C = (1.0,)

@@ -16,7 +16,7 @@ from pathlib import Path
 import matplotlib
 from PIL import Image, ImageDraw, ImageFont
 
-from probes.typographic import render_typographic
+from sasa_patcher.probes.typographic import render_typographic
 
 CANVASES: tuple[tuple[int, int], ...] = ((448, 448), (448, 448), (448, 336), (336, 448), (392, 392), (448, 280))
 FIGSTEP_SHARE = 0.3

@@ -28,12 +28,12 @@ from transformers import PreTrainedModel, ProcessorMixin
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from export.atomic import atomic_file
-from patcher.errors import UserInputError
-from probes.features import padding_side
 from reader.corpus import MAX_PHRASE_WORDS, random_phrase, split_sentences, stdlib_sentences, vocabulary_words
 from reader.render import Sample, font_paths, render_sample
 from reader.transcribe import score, transcribe, transcription_prompt
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.export.atomic import atomic_file
+from sasa_patcher.probes.features import padding_side
 
 # Bigger than the embedded model's seeded 2-layer, 128-wide tower, which cannot resolve glyphs; small
 # enough to ship (3.0 M parameters, 12.2 MB in fp32).

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
-from probes.features import padding_side
 from reader.corpus import normalise
+from sasa_patcher.probes.features import padding_side
 
 TRANSCRIBE_PROMPT = "Transcribe the text in the image."
 MAX_NEW_TOKENS = 64

@@ -91,14 +91,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from patcher.console import log, report_user_error  # noqa: E402
-from patcher.errors import UserInputError  # noqa: E402
-from patcher.loading import ALIASES, DEFAULT_MODEL, check_architecture, check_device, resolve_model, torch_dtype  # noqa: E402
-from scripts.measure_memory import current_rss_bytes, memory_snapshot, reset_peak, weight_bytes  # noqa: E402
+from sasa_patcher.console import log, report_user_error
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.loading import ALIASES, DEFAULT_MODEL, check_architecture, check_device, resolve_model, torch_dtype
+from scripts.measure_memory import current_rss_bytes, memory_snapshot, reset_peak, weight_bytes
 
 RUNTIMES = ("pytorch", "onnxruntime")
 BUILTIN_CELLS = 4  # the built-in set's harmful/benign x imperative/question cells
@@ -161,7 +159,7 @@ def check_options(args: argparse.Namespace) -> list[str]:
     check_device(args.device)
     dtype = torch_dtype(args.dtype, args.device)
     if "onnxruntime" in runtimes:
-        from export.benchmark import onnxruntime_providers
+        from sasa_patcher.export.benchmark import onnxruntime_providers
 
         if dtype != torch.float32:
             raise UserInputError(f"the ONNX graphs are float32: --dtype {args.dtype} needs --runtimes pytorch")
@@ -175,8 +173,8 @@ def check_model(args: argparse.Namespace) -> tuple[Path, int]:
     """The model directory and its layer count; fixed layers and the run's length checked against it."""
     from transformers import AutoConfig
 
-    from patcher.modeling_sasa import SasaSettings
-    from patcher.patching import parse_layers
+    from sasa_patcher.modeling_sasa import SasaSettings
+    from sasa_patcher.patching import parse_layers
 
     directory = resolve_model(args.model)
     check_architecture(directory)
@@ -195,14 +193,14 @@ def check_model(args: argparse.Namespace) -> tuple[Path, int]:
 
 def builtin_prompt_count() -> int:
     """Size of the full built-in calibration set: four cells of its default prompts per cell."""
-    from probes.datasets import builtin_calibration_set
+    from sasa_patcher.probes.datasets import builtin_calibration_set
 
     return BUILTIN_CELLS * inspect.signature(builtin_calibration_set).parameters["per_cell"].default
 
 
 def calibration_subsample(count: int) -> list:
     """The built-in set built with count/4 prompts per label x form cell: deterministic and balanced."""
-    from probes.datasets import builtin_calibration_set
+    from sasa_patcher.probes.datasets import builtin_calibration_set
 
     return builtin_calibration_set(per_cell=count // BUILTIN_CELLS)
 
@@ -223,9 +221,9 @@ class PatchStage:
 
 def load_and_patch(args: argparse.Namespace, num_layers: int) -> PatchStage:
     """Load as the CLI does and patch with the given layers (or the default rule until calibration)."""
-    from patcher.loading import load_model
-    from patcher.modeling_sasa import SasaSettings
-    from patcher.patching import default_layers, parse_layers, patch_model
+    from sasa_patcher.loading import load_model
+    from sasa_patcher.modeling_sasa import SasaSettings
+    from sasa_patcher.patching import default_layers, parse_layers, patch_model
 
     started = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -242,10 +240,10 @@ def load_and_patch(args: argparse.Namespace, num_layers: int) -> PatchStage:
 
 def calibrate_and_export(args: argparse.Namespace, stage: PatchStage, prompts: list, artifact: Path) -> None:
     """The rest of `scripts/patch.py`'s work on `stage.model`, timed part by part into `stage`."""
-    from export.benchmark import on_cpu
-    from export.checkpoint import write_safetensors_artifact
-    from export.model_card import CardInfo
-    from probes.calibrate import calibrate
+    from sasa_patcher.export.benchmark import on_cpu
+    from sasa_patcher.export.checkpoint import write_safetensors_artifact
+    from sasa_patcher.export.model_card import CardInfo
+    from sasa_patcher.probes.calibrate import calibrate
 
     seconds = stage.seconds
     model, processor = stage.model, stage.processor
@@ -268,7 +266,7 @@ def calibrate_and_export(args: argparse.Namespace, stage: PatchStage, prompts: l
     seconds["export_safetensors"] = time.perf_counter() - started
     formats = ["safetensors"]
     if model.dtype == torch.float32:
-        from export.onnx_export import DECODER_FILE, export_onnx
+        from sasa_patcher.export.onnx_export import DECODER_FILE, export_onnx
 
         started = time.perf_counter()
         with on_cpu(model):
@@ -292,7 +290,7 @@ def finish_patch_seconds(stage: PatchStage, started: float) -> None:
 
 # ----- the run --------------------------------------------------------------------------------------
 def measure_latency(args: argparse.Namespace, runtimes: list[str], stage: PatchStage, work_dir: Path) -> dict:
-    from export.benchmark import bench_onnxruntime, bench_pytorch, bench_token_ids
+    from sasa_patcher.export.benchmark import bench_onnxruntime, bench_pytorch, bench_token_ids
 
     model = stage.model
     ids = bench_token_ids(model.config, args.batch_size, args.prompt_tokens, args.decode_tokens)

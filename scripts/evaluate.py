@@ -21,14 +21,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from export.atomic import atomic_output_dir, check_output_dir  # noqa: E402
-from patcher.console import log, report_user_error  # noqa: E402
-from patcher.errors import UserInputError  # noqa: E402
-from patcher.loading import DEFAULT_MODEL, load_model, resolve_model, torch_dtype  # noqa: E402
-from patcher.modeling_sasa import SERVING_MODES  # noqa: E402
-from probes.evaluation import DEFAULT_LIMIT, DEFAULT_MAX_NEW_TOKENS  # noqa: E402
+from sasa_patcher.console import log, report_user_error
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.export.atomic import atomic_output_dir, check_output_dir
+from sasa_patcher.loading import DEFAULT_MODEL, load_model, resolve_model, torch_dtype
+from sasa_patcher.modeling_sasa import SERVING_MODES
+from sasa_patcher.probes.evaluation import DEFAULT_LIMIT, DEFAULT_MAX_NEW_TOKENS
 
 RUNTIMES = ("auto", "safetensors", "onnx")
 DEFAULT_OUT = Path("eval-out")
@@ -62,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def detect_runtime(patched: Path, runtime: str) -> tuple[str, dict]:
     """Which artifact to run (the safetensors one at PATCHED's root, or the ONNX one in PATCHED or
     PATCHED/onnx), and its SASA settings as stored (mode, threshold, refusal text, calibration metrics)."""
-    from export.onnx_runtime import CONFIG_NAME, find_onnx_dir
+    from sasa_patcher.export.onnx_runtime import CONFIG_NAME, find_onnx_dir
 
     if not patched.is_dir():
         raise UserInputError(f"artifact directory {patched} does not exist")
@@ -130,12 +128,12 @@ def load_torch_artifact(patched: Path, device: str):
 
 def build_systems(args, runtime: str, modes: list[str], base) -> tuple[list, object]:
     """The base system, then one system per evaluated mode; and the ONNX runtime (None for safetensors)."""
-    from probes.evaluation import OnnxSystem, TorchSystem
+    from sasa_patcher.probes.evaluation import OnnxSystem, TorchSystem
 
     systems = [TorchSystem("base", base.model, base.processor)]
     vocab = base.model.config.get_text_config().vocab_size
     if runtime == "onnx":
-        from export.onnx_runtime import OnnxVlm
+        from sasa_patcher.export.onnx_runtime import OnnxVlm
 
         vlm = OnnxVlm(args.patched, threads=args.threads)
         check_same_vocabulary(vocab, vlm.config["vocab_size"], args)
@@ -155,10 +153,10 @@ def check_same_vocabulary(base: int, patched: int, args: argparse.Namespace) -> 
 
 def prompts_to_evaluate(args, metrics: dict) -> tuple[list, list, dict]:
     """(harmful and benign held-out prompts, over-refusal prompts, where they came from)."""
-    from probes.datasets import builtin_calibration_set
-    from probes.evaluation import over_refusal_prompts
-    from probes.probe import data_digest
-    from probes.splits import DEFAULT_HELDOUT_FRACTION, split
+    from sasa_patcher.probes.datasets import builtin_calibration_set
+    from sasa_patcher.probes.evaluation import over_refusal_prompts
+    from sasa_patcher.probes.probe import data_digest
+    from sasa_patcher.probes.splits import DEFAULT_HELDOUT_FRACTION, split
 
     fraction = metrics.get("heldout_fraction", DEFAULT_HELDOUT_FRACTION)
     builtin = split(builtin_calibration_set(), fraction)
@@ -169,7 +167,7 @@ def prompts_to_evaluate(args, metrics: dict) -> tuple[list, list, dict]:
             "side is not guaranteed unseen")
     source = {"heldout_fraction": fraction, "calibration_digest_matches_builtin": matches}
     if args.data is not None:
-        from probes.manifest import load_manifest
+        from sasa_patcher.probes.manifest import load_manifest
 
         source["data"] = str(args.data)
         return load_manifest(args.data), over_refusal_prompts(builtin.calibration), source
@@ -180,7 +178,7 @@ def prompts_to_evaluate(args, metrics: dict) -> tuple[list, list, dict]:
 def typographic_size(onnx_vlm) -> tuple[int, int]:
     """(width, height) to render typographic prompts at: the ONNX artifact's one supported image size
     (its vision graph has a fixed grid), else the size calibration rendered them at."""
-    from probes.typographic import DEFAULT_SIZE
+    from sasa_patcher.probes.typographic import DEFAULT_SIZE
 
     if onnx_vlm is None:
         return DEFAULT_SIZE
@@ -191,7 +189,7 @@ def typographic_size(onnx_vlm) -> tuple[int, int]:
 # ----- the run -----------------------------------------------------------------------------------------------
 def evaluate(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Every figure of the report, and the per-prompt records."""
-    from probes.evaluation import build_categories, generation_metrics, generation_records, utility_metrics
+    from sasa_patcher.probes.evaluation import build_categories, generation_metrics, generation_records, utility_metrics
 
     started = time.perf_counter()
     check_output_dir(args.out, args.force)

@@ -15,9 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from export.onnx_runtime import OnnxVlm, default_providers  # noqa: E402
+from sasa_patcher.export.onnx_runtime import OnnxVlm, default_providers
 
 
 def build_parser() -> argparse.ArgumentParser:

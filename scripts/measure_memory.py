@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def peak_rss_bytes() -> int:
     try:
@@ -65,7 +63,7 @@ def memory_snapshot() -> dict[str, int]:
 
 def weight_bytes(directory: Path) -> int | None:
     """Bytes of the base checkpoint's safetensors tensors (None when it has no safetensors weights)."""
-    from export.checkpoint import base_weight_files
+    from sasa_patcher.export.checkpoint import base_weight_files
 
     base = base_weight_files(directory)
     if base is None:
@@ -86,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: F401 - imported before the baseline so it is not counted as weights
     import transformers
 
-    from export.atomic import atomic_output_dir
-    from export.checkpoint import write_safetensors_artifact
-    from export.model_card import CardInfo
-    from patcher.loading import load_model, resolve_model
-    from patcher.modeling_sasa import SasaSettings
-    from patcher.patching import parse_layers, patch_model
+    from sasa_patcher.export.atomic import atomic_output_dir
+    from sasa_patcher.export.checkpoint import write_safetensors_artifact
+    from sasa_patcher.export.model_card import CardInfo
+    from sasa_patcher.loading import load_model, resolve_model
+    from sasa_patcher.modeling_sasa import SasaSettings
+    from sasa_patcher.patching import parse_layers, patch_model
 
     stages: dict[str, dict[str, int | float]] = {}
     resettable = reset_peak()

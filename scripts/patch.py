@@ -16,14 +16,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from export.atomic import atomic_output_dir, check_output_dir  # noqa: E402
-from export.checkpoint import write_safetensors_artifact  # noqa: E402
-from export.model_card import CardInfo  # noqa: E402
-from patcher.console import log, report_user_error  # noqa: E402
-from patcher.errors import UserInputError  # noqa: E402
-from patcher.loading import (  # noqa: E402
+from sasa_patcher.console import log, report_user_error
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.export.atomic import atomic_output_dir, check_output_dir
+from sasa_patcher.export.checkpoint import write_safetensors_artifact
+from sasa_patcher.export.model_card import CardInfo
+from sasa_patcher.loading import (
     ALIASES,
     DEFAULT_MODEL,
     DEVICES,
@@ -34,14 +32,14 @@ from patcher.loading import (  # noqa: E402
     resolve_model,
     torch_dtype,
 )
-from patcher.modeling_sasa import (  # noqa: E402
+from sasa_patcher.modeling_sasa import (
     DEFAULT_REFUSAL,
     PROBE_FEATURES,
     PROJECTION_MODES,
     SERVING_MODES,
     SasaSettings,
 )
-from patcher.patching import default_layers, parse_layers, patch_model  # noqa: E402
+from sasa_patcher.patching import default_layers, parse_layers, patch_model
 
 FORMATS = ("safetensors", "onnx")
 EMBEDDED_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -94,10 +92,10 @@ def load_calibration_prompts(spec: str) -> list | None:
     if spec == "none":
         return None
     if spec == "builtin":
-        from probes.datasets import builtin_calibration_set
+        from sasa_patcher.probes.datasets import builtin_calibration_set
 
         return builtin_calibration_set()
-    from probes.manifest import load_manifest
+    from sasa_patcher.probes.manifest import load_manifest
 
     return load_manifest(Path(spec))
 
@@ -198,7 +196,7 @@ def run(args: argparse.Namespace) -> Path:
         if prompts is None:
             log("probe head: untrained (zero weights, threshold +inf: nothing is flagged)")
         else:
-            from probes.calibrate import calibrate
+            from sasa_patcher.probes.calibrate import calibrate
 
             log(f"calibrating on {len(prompts)} prompts ({args.calibration})")
             layers = "auto" if args.layers == "auto" else parse_layers(args.layers)
@@ -215,7 +213,7 @@ def run(args: argparse.Namespace) -> Path:
                                        weights_modified=True if args.adapter else None)
             log(f"safetensors artifact written in {time.perf_counter() - mark:.1f}s")
         if "onnx" in formats:
-            from export.onnx_export import export_onnx
+            from sasa_patcher.export.onnx_export import export_onnx
 
             mark = time.perf_counter()
             if model.device.type != "cpu":
@@ -224,7 +222,7 @@ def run(args: argparse.Namespace) -> Path:
             export_onnx(model, loaded.processor, staging / "onnx", log=log)
             log(f"ONNX artifact written in {time.perf_counter() - mark:.1f}s; parity figures in onnx/parity.json")
     if args.push_to_hub:
-        from export.hub import push_to_hub
+        from sasa_patcher.export.hub import push_to_hub
 
         log(f"uploaded to {push_to_hub(args.out, args.push_to_hub)}")
     return args.out

@@ -1,13 +1,9 @@
-"""Shared fixtures: the tiny model families and the tests directory on sys.path."""
+"""Shared fixtures: the tiny model families."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny_models import FAMILIES  # noqa: E402
+from tiny_models import FAMILIES
 
 
 @pytest.fixture(params=FAMILIES, ids=lambda family: family.name)

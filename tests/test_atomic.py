@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from export.atomic import atomic_file, atomic_output_dir, current_umask
-from patcher.errors import UserInputError
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.export.atomic import atomic_file, atomic_output_dir, current_umask
 
 
 def test_output_appears_complete_with_mkdir_permissions(tmp_path):

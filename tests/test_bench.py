@@ -20,7 +20,7 @@ import torch
 from script_loader import load_script
 from transformers import DynamicCache
 
-from export.benchmark import (
+from sasa_patcher.export.benchmark import (
     MEASURES,
     OrtDecoder,
     bench_onnxruntime,
@@ -29,10 +29,10 @@ from export.benchmark import (
     layer_floors,
     token_ceiling,
 )
-from export.onnx_export import UNSAFE_PROB_NOT_COMPUTED, DecoderGraph, export_decoder
-from export.onnx_parity import LOGITS_TOLERANCE
-from patcher.modeling_sasa import CACHE_KEY, SasaSettings
-from patcher.patching import patch_model
+from sasa_patcher.export.onnx_export import UNSAFE_PROB_NOT_COMPUTED, DecoderGraph, export_decoder
+from sasa_patcher.export.onnx_parity import LOGITS_TOLERANCE
+from sasa_patcher.modeling_sasa import CACHE_KEY, SasaSettings
+from sasa_patcher.patching import patch_model
 from tiny_calibration import tiny_processor
 from tiny_models import IMAGE_TOKEN, build_qwen2_vl
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from probes.calibrate import calibrate
-from probes.features import encode_prompts
-from probes.splits import split
+from sasa_patcher.probes.calibrate import calibrate
+from sasa_patcher.probes.features import encode_prompts
+from sasa_patcher.probes.splits import split
 from tiny_calibration import patched_tiny, synthetic_prompts, tiny_processor
 
 PLAIN_KEYS = ("auroc", "tpr", "fpr", "features", "layers")
@@ -100,10 +100,10 @@ def test_a_split_without_both_classes_is_refused():
 @pytest.mark.integration
 def test_embedded_smol_qwen_vl_with_the_builtin_set(tmp_path):
     """A small slice of the built-in set (both forms, both labels) through the real SmolLM2 weights."""
-    from patcher.loading import load_model
-    from patcher.modeling_sasa import SasaSettings
-    from patcher.patching import default_layers, patch_model
-    from probes.datasets import builtin_calibration_set
+    from sasa_patcher.loading import load_model
+    from sasa_patcher.modeling_sasa import SasaSettings
+    from sasa_patcher.patching import default_layers, patch_model
+    from sasa_patcher.probes.datasets import builtin_calibration_set
 
     loaded = load_model("smol-qwen-vl", dtype="float32")
     layers = loaded.model.config.get_text_config().num_hidden_layers

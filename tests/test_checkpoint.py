@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-import export.checkpoint as checkpoint
-from export.checkpoint import (
+import sasa_patcher.export.checkpoint as checkpoint
+from sasa_patcher.export.checkpoint import (
     INDEX_FILE,
     SASA_FILE,
     SASA_TENSORS,
@@ -26,9 +26,9 @@ from export.checkpoint import (
     tensor_digests,
     write_safetensors_artifact,
 )
-from export.model_card import CardInfo
-from patcher.modeling_sasa import SasaSettings
-from patcher.patching import patch_model
+from sasa_patcher.export.model_card import CardInfo
+from sasa_patcher.modeling_sasa import SasaSettings
+from sasa_patcher.patching import patch_model
 from tiny_models import FAMILIES, build_qwen2_vl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -423,8 +423,8 @@ def test_fresh_process_loads_artifact_with_identical_outputs(tmp_path):
 def test_embedded_model_artifact_end_to_end(tmp_path):
     """smol-qwen-vl: base shards byte-identical, processor files carried over, and in a fresh process
     AutoModelForImageTextToText gives the same logits, unsafe_prob and greedy tokens."""
-    from patcher.embedded import embedded_model_dir
-    from patcher.processors import load_processor
+    from sasa_patcher.embedded import embedded_model_dir
+    from sasa_patcher.processors import load_processor
 
     base = Path(embedded_model_dir("smol-qwen-vl"))
     processor = load_processor(base)

@@ -6,8 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from probes import datasets
-from probes.datasets import (
+from sasa_patcher.probes import datasets
+from sasa_patcher.probes.datasets import (
     BENIGN,
     HARMFUL,
     Prompt,
@@ -25,8 +25,8 @@ from probes.datasets import (
     parse_seed_prompt_file,
     summarize,
 )
-from probes.form_augment import detect_form
-from probes.wheel_data import PYRIT, read_text
+from sasa_patcher.probes.form_augment import detect_form
+from sasa_patcher.probes.wheel_data import PYRIT, read_text
 
 
 def test_advbench():

@@ -15,15 +15,15 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
-from patcher.embedded import (
+from sasa_patcher.embedded import (
     EMBEDDED_MODELS,
     SMOLLM2_VOCAB,
     STAMP_NAME,
     embedded_model_dir,
     locate_smollm2_gguf,
 )
-from patcher.errors import UserInputError
-from patcher.processors import load_processor
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.processors import load_processor
 
 pytestmark = pytest.mark.integration
 

@@ -15,11 +15,11 @@ from PIL import Image
 from script_loader import load_script
 
 import tiny_models as tm
-from export.checkpoint import write_safetensors_artifact
-from patcher.modeling_sasa import SasaSettings
-from patcher.patching import patch_model
-from probes.datasets import builtin_calibration_set
-from probes.evaluation import (
+from sasa_patcher.export.checkpoint import write_safetensors_artifact
+from sasa_patcher.modeling_sasa import SasaSettings
+from sasa_patcher.patching import patch_model
+from sasa_patcher.probes.datasets import builtin_calibration_set
+from sasa_patcher.probes.evaluation import (
     Category,
     TorchSystem,
     attack_success_rate,
@@ -38,10 +38,10 @@ from probes.evaluation import (
     user_text_mask,
     utility_metrics,
 )
-from probes.features import encode_prompts
-from probes.probe import operating_point
-from probes.splits import group_key, split
-from probes.typographic import CARRIER_PROMPT
+from sasa_patcher.probes.features import encode_prompts
+from sasa_patcher.probes.probe import operating_point
+from sasa_patcher.probes.splits import group_key, split
+from sasa_patcher.probes.typographic import CARRIER_PROMPT
 from tiny_calibration import synthetic_prompts, tiny_processor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,9 +334,9 @@ def test_bad_input_exits_2_with_one_line(cli, tiny_artifact, tmp_path, capsys, c
 def test_onnx_system_matches_the_pytorch_system(tmp_path):
     """The tiny patched model exported to ONNX (gate baked, ~10-30 s): the same answers, verdicts and
     scored teacher-forced logits as in PyTorch, on text prompts and on images of the supported size."""
-    from export.onnx_export import export_onnx
-    from export.onnx_runtime import OnnxVlm
-    from probes.evaluation import OnnxSystem
+    from sasa_patcher.export.onnx_export import export_onnx
+    from sasa_patcher.export.onnx_runtime import OnnxVlm
+    from sasa_patcher.probes.evaluation import OnnxSystem
 
     _, model = patched_pair(threshold=0.45)
     processor = tiny_processor("qwen2_vl")
@@ -363,7 +363,7 @@ def test_onnx_system_matches_the_pytorch_system(tmp_path):
 def test_cli_on_the_embedded_model(cli, tmp_path):
     """smol-qwen-vl, patched without calibration (untrained probe: nothing flagged), one prompt per category:
     the real chat template's user text is located exactly, and gate is the base."""
-    from patcher.loading import load_model
+    from sasa_patcher.loading import load_model
 
     loaded = load_model("smol-qwen-vl")
     benign = [p for p in split(builtin_calibration_set()).heldout if p.label == 0][:4]

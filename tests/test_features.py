@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tiny_models as tm
-from patcher.modeling_sasa import PROBE_FEATURES
-from probes.features import encode_prompts, extract_features
+from sasa_patcher.modeling_sasa import PROBE_FEATURES
+from sasa_patcher.probes.features import encode_prompts, extract_features
 from tiny_calibration import patched_tiny, synthetic_prompts, tiny_processor
 
 

@@ -22,11 +22,11 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
 
 import tiny_models
-from export.onnx_export import CONFIG_NAME, build_config, export_onnx, image_layout
-from export.onnx_runtime import OnnxVlm, mrope_positions, preprocess_image
-from patcher.modeling_sasa import DEFAULT_REFUSAL, SasaSettings
-from patcher.patching import patch_model
-from patcher.processors import ImageOnlyQwen2VLProcessor
+from sasa_patcher.export.onnx_export import CONFIG_NAME, build_config, export_onnx, image_layout
+from sasa_patcher.export.onnx_runtime import OnnxVlm, mrope_positions, preprocess_image
+from sasa_patcher.modeling_sasa import DEFAULT_REFUSAL, SasaSettings
+from sasa_patcher.patching import patch_model
+from sasa_patcher.processors import ImageOnlyQwen2VLProcessor
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "generate_onnx.py"
@@ -224,8 +224,8 @@ def test_script_rejects_a_directory_without_artifact(tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_script_answers_like_pytorch_on_the_embedded_model(tmp_path):
-    from patcher.loading import load_model
-    from patcher.patching import default_layers
+    from sasa_patcher.loading import load_model
+    from sasa_patcher.patching import default_layers
 
     loaded = load_model("smol-qwen-vl")
     num_layers = loaded.model.config.get_text_config().num_hidden_layers

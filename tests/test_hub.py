@@ -7,8 +7,8 @@ from unittest import mock
 
 import pytest
 
-import export.hub as hub
-from patcher.errors import UserInputError
+import sasa_patcher.export.hub as hub
+from sasa_patcher.errors import UserInputError
 
 
 def fake_artifact(directory):

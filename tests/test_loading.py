@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from patcher.errors import UserInputError
-from patcher.loading import ALIASES, check_adapter, merge_lora_adapter, resolve_model, torch_dtype
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.loading import ALIASES, check_adapter, merge_lora_adapter, resolve_model, torch_dtype
 from tiny_models import build_qwen2_vl, qwen_batch
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from probes.localisation import choose_layers, localise, semantic_curve
+from sasa_patcher.probes.localisation import choose_layers, localise, semantic_curve
 from tiny_calibration import patched_tiny, synthetic_prompts, tiny_processor
 
 L = 12

@@ -5,8 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from patcher.errors import UserInputError
-from probes.manifest import load_manifest
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.probes.manifest import load_manifest
 
 
 def write(path, lines):

@@ -9,8 +9,8 @@ import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from export.model_card import PLOT_NAME, CardInfo, render_model_card, write_model_card
-from patcher.modeling_sasa import SasaSettings
+from sasa_patcher.export.model_card import PLOT_NAME, CardInfo, render_model_card, write_model_card
+from sasa_patcher.modeling_sasa import SasaSettings
 
 # A trained probe's metrics exactly as probes.calibrate writes them.
 CALIBRATED_METRICS = {

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from patcher.modeling_sasa import CACHE_KEY, SasaCache, SasaSettings, sasa_project
-from patcher.patching import patch_model
+from sasa_patcher.modeling_sasa import CACHE_KEY, SasaCache, SasaSettings, sasa_project
+from sasa_patcher.patching import patch_model
 
 S, F = 1, 3
 PROJECTIONS = [("replace", 1.0), ("residual", 0.5), ("interpolate", 0.3)]

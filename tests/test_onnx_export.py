@@ -14,11 +14,11 @@ import onnx
 import pytest
 import torch
 
-from export.onnx_export import CONFIG_NAME, PARITY_NAME, UNSAFE_PROB_NOT_COMPUTED, export_onnx
-from export.onnx_parity import LOGITS_TOLERANCE, PARITY_NEW_TOKENS, PROB_TOLERANCE, default_parity_cases
-from export.onnx_runtime import OnnxVlm
-from patcher.modeling_sasa import SasaSettings
-from patcher.patching import patch_model
+from sasa_patcher.export.onnx_export import CONFIG_NAME, PARITY_NAME, UNSAFE_PROB_NOT_COMPUTED, export_onnx
+from sasa_patcher.export.onnx_parity import LOGITS_TOLERANCE, PARITY_NEW_TOKENS, PROB_TOLERANCE, default_parity_cases
+from sasa_patcher.export.onnx_runtime import OnnxVlm
+from sasa_patcher.modeling_sasa import SasaSettings
+from sasa_patcher.patching import patch_model
 from tiny_models import FAMILIES, LLAVA_IMAGE_SIZE
 
 S, F = 1, 3
@@ -169,8 +169,8 @@ def test_non_float32_model_is_refused(tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["smol-qwen-vl", "smol-llava"])
 def test_embedded_model_export_parity(tmp_path, name):
-    from patcher.loading import load_model
-    from patcher.patching import default_layers
+    from sasa_patcher.loading import load_model
+    from sasa_patcher.patching import default_layers
 
     loaded = load_model(name)
     num_layers = loaded.model.config.get_text_config().num_hidden_layers

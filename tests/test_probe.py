@@ -12,9 +12,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from patcher.modeling_sasa import ProbeHead
-from probes.datasets import Prompt
-from probes.probe import (
+from sasa_patcher.modeling_sasa import ProbeHead
+from sasa_patcher.probes.datasets import Prompt
+from sasa_patcher.probes.probe import (
     choose_threshold,
     cross_validate,
     data_digest,
@@ -148,7 +148,7 @@ def test_digest_covers_text_label_and_image_bytes(tmp_path):
 
 @pytest.mark.parametrize("feature", ["projected-logits", "logits", "hidden"])
 def test_written_probe_is_what_the_graph_computes(feature, tmp_path):
-    from probes.features import encode_prompts, extract_features
+    from sasa_patcher.probes.features import encode_prompts, extract_features
 
     model = patched_tiny("qwen2_vl")
     processor = tiny_processor("qwen2_vl")

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from probes.datasets import load_advbench, load_harmbench, normalise_text
 from reader import corpus
+from sasa_patcher.probes.datasets import load_advbench, load_harmbench, normalise_text
 
 
 @pytest.fixture(scope="module")

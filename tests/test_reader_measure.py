@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from script_loader import load_script
 
-from reader import corpus, measure
+from reader import corpus, measure, measure_cli
 
 
 def test_heldout_sentences_are_short_held_out_and_fixed() -> None:
@@ -26,12 +25,12 @@ def test_styled_samples_show_the_whole_sentence_without_a_list() -> None:
 
 @pytest.mark.parametrize("pairs", ["", "13,11", "1,2,3", "a,b"])
 def test_bad_pairs_exit_2(pairs: str, capsys) -> None:
-    assert load_script("measure_reader").main(["--pairs", pairs]) == 2
+    assert measure_cli.main(["--pairs", pairs]) == 2
     assert "--pairs" in capsys.readouterr().err
 
 
 def test_missing_weights_exit_2(tmp_path, capsys) -> None:
-    assert load_script("measure_reader").main(["--weights", str(tmp_path / "none.safetensors")]) == 2
+    assert measure_cli.main(["--weights", str(tmp_path / "none.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
 
 
@@ -40,7 +39,7 @@ def test_script_writes_every_figure(tmp_path) -> None:
     out = tmp_path / "reader.json"
     argv = ["--out", str(out), "--transcription-limit", "2", "--gap-limit", "4", "--pairs", "11,13",
             "--max-new-tokens", "8"]
-    assert load_script("measure_reader").main(argv) == 0
+    assert measure_cli.main(argv) == 0
     result = json.loads(out.read_text())
     assert 0 <= result["transcription"]["token_accuracy"] <= 1 and result["transcription"]["n"] == 2
     gap = result["cross_modal_gap"]

@@ -7,8 +7,8 @@ import random
 
 import numpy as np
 
-from probes.typographic import render_typographic
 from reader import render
+from sasa_patcher.probes.typographic import render_typographic
 
 SENTENCE = "Return the number of items waiting in the queue before the worker stops."
 

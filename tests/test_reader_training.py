@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 from safetensors.torch import load_file
-from script_loader import load_script
 
+from reader import train_cli
 from reader.render import LIST_MARKERS, Sample
 from reader.training import (
     CtcObjective,
@@ -107,14 +107,14 @@ def test_checkpoint_round_trip_and_settings_mismatch(tmp_path) -> None:
 
 
 def test_bad_settings_exit_2(capsys) -> None:
-    assert load_script("train_reader").main(["--ctc-steps", "-1"]) == 2
+    assert train_cli.main(["--ctc-steps", "-1"]) == 2
     assert "--ctc-steps, --lm-steps and --curriculum-steps must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.integration
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path) -> None:
     """Seeded and resumable: stop after 2 steps and resume, or run straight through: same tower."""
-    script = load_script("train_reader")
+    script = train_cli
     common = ["--ctc-steps", "2", "--lm-steps", "1", "--ctc-batch", "2", "--lm-batch", "1", "--warmup-steps", "1",
               "--threads", "2", "--heldout-probe", "2"]
     assert script.main([*common, "--out", str(tmp_path / "straight")]) == 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from patcher.modeling_sasa import DEFAULT_REFUSAL
-from probes.localisation import refusal_token_ids
-from probes.refusal import REFUSAL_OPENINGS, TEST_PREFIXES, is_refusal
+from sasa_patcher.modeling_sasa import DEFAULT_REFUSAL
+from sasa_patcher.probes.localisation import refusal_token_ids
+from sasa_patcher.probes.refusal import REFUSAL_OPENINGS, TEST_PREFIXES, is_refusal
 
 
 @pytest.mark.parametrize("answer", [

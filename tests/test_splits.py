@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from probes.datasets import Prompt, builtin_calibration_set, form_twin
-from probes.splits import (
+from sasa_patcher.probes.datasets import Prompt, builtin_calibration_set, form_twin
+from sasa_patcher.probes.splits import (
     by_source,
     group_key,
     is_heldout,
@@ -52,7 +52,7 @@ def test_split_is_stable_across_processes():
         "import hashlib, sys\n"
         "sys.path.insert(0, 'tests')\n"
         "from test_splits import synthetic\n"
-        "from probes.splits import split\n"
+        "from sasa_patcher.probes.splits import split\n"
         "print(hashlib.sha256('\\n'.join(p.text for p in split(synthetic()).heldout).encode()).hexdigest())"
     )
     for seed in ("0", "1"):  # different hash() salts must not matter

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probes.datasets import Prompt
-from probes.splits import is_heldout
-from probes.typographic import (
+from sasa_patcher.probes.datasets import Prompt
+from sasa_patcher.probes.splits import is_heldout
+from sasa_patcher.probes.typographic import (
     CARRIER_PROMPT,
     DEFAULT_SIZE,
     render_typographic,

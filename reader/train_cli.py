@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Train smol-qwen-vl's vision tower and merger to read rendered text (the language model stays frozen).
 
-    python scripts/train_reader.py --out build/reader            # CPU: about an hour with the defaults
-    python scripts/train_reader.py --out build/reader --device cuda
+    python -m reader.train_cli --out build/reader            # CPU: about an hour with the defaults
+    python -m reader.train_cli --out build/reader --device cuda
 
 Re-running with the same --out resumes from the last checkpoint (same settings required); --stop-after
 time-boxes a run. The result, `reader.safetensors`, holds the tower and merger only (fp32, ~12 MB):
-`scripts/measure_reader.py --weights` measures it.
+`python -m reader.measure_cli --weights` measures it.
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from patcher.console import log, report_user_error
-from patcher.embedded import SMOLLM2_VOCAB
-from patcher.errors import UserInputError
-from patcher.loading import load_model
 from reader.history import write_history
 from reader.measure import heldout_sentences, styled_samples
 from reader.training import (
@@ -43,6 +39,10 @@ from reader.training import (
     save_checkpoint,
     save_tower,
 )
+from sasa_patcher.console import log, report_user_error
+from sasa_patcher.embedded import SMOLLM2_VOCAB
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.loading import load_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

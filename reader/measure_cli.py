@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Measure the reader: held-out transcription, the cross-modal safety gap, SASA on image-borne harm.
 
-    python scripts/measure_reader.py                          # the embedded model's tower -> results/reader.json
-    python scripts/measure_reader.py --weights build/reader/reader.safetensors --out build/reader.json
+    python python -m reader.measure_cli                          # the embedded model's tower -> results/reader.json
+    python python -m reader.measure_cli --weights build/reader/reader.safetensors --out build/reader.json
 
 About 15 minutes on 2 CPU cores with the defaults. Writes the JSON and a per-layer AUROC chart next to it.
 """
@@ -19,18 +19,18 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from safetensors.torch import load_file
 
-from export.atomic import atomic_file  # noqa: E402
-from patcher.console import log, report_user_error  # noqa: E402
-from patcher.errors import UserInputError  # noqa: E402
-from patcher.loading import load_model  # noqa: E402
-from patcher.modeling_sasa import SasaSettings  # noqa: E402
-from patcher.patching import patch_model  # noqa: E402
-from reader import measure  # noqa: E402
-from reader.training import fresh_tower  # noqa: E402
+from reader import measure
+from reader.training import fresh_tower
+from sasa_patcher.console import log, report_user_error
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.export.atomic import atomic_file
+from sasa_patcher.loading import load_model
+from sasa_patcher.modeling_sasa import SasaSettings
+from sasa_patcher.patching import patch_model
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -73,7 +73,7 @@ def plot_layers(text: list[float], image: list[float], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     pairs = parse_pairs(args.pairs)
     if args.weights is not None and not args.weights.is_file():
-        raise UserInputError(f"--weights {args.weights}: no such file; pass a reader.safetensors from train_reader.py")
+        raise UserInputError(f"--weights {args.weights}: no such file; pass a reader.safetensors from `python -m reader.train_cli`")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.monotonic()
