@@ -73,7 +73,8 @@ def plot_layers(text: list[float], image: list[float], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     pairs = parse_pairs(args.pairs)
     if args.weights is not None and not args.weights.is_file():
-        raise UserInputError(f"--weights {args.weights}: no such file; pass a reader.safetensors from `python -m reader.train_cli`")
+        raise UserInputError(f"--weights {args.weights}: no such file; "
+                             "pass a reader.safetensors from `python -m reader.train_cli`")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.monotonic()
