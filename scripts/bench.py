@@ -10,7 +10,7 @@ A real model on a GPU machine (weights in the local Hugging Face cache or reacha
 (`--device cuda` with `onnxruntime` needs the CUDA build of ONNX Runtime: `pip install .[gpu]`, then
 `pip uninstall onnxruntime`; `--runtimes pytorch` skips it.)
 
-Latency (`export.benchmark`): prefill of a `--prompt-tokens` prompt and the mean time per decode
+Latency (`evaluation.latency`): prefill of a `--prompt-tokens` prompt and the mean time per decode
 token over `--decode-tokens` steps (cache fed back), for the unpatched model, the patched model in
 gate mode and in augment mode, in PyTorch (`torch.inference_mode`, the base class's own forward as
 the baseline) and in ONNX Runtime (the decoder graphs: the unpatched one exported by the same
@@ -159,7 +159,7 @@ def check_options(args: argparse.Namespace) -> list[str]:
     check_device(args.device)
     dtype = torch_dtype(args.dtype, args.device)
     if "onnxruntime" in runtimes:
-        from sasa_patcher.export.benchmark import onnxruntime_providers
+        from sasa_patcher.evaluation.latency import onnxruntime_providers
 
         if dtype != torch.float32:
             raise UserInputError(f"the ONNX graphs are float32: --dtype {args.dtype} needs --runtimes pytorch")
@@ -240,7 +240,7 @@ def load_and_patch(args: argparse.Namespace, num_layers: int) -> PatchStage:
 
 def calibrate_and_export(args: argparse.Namespace, stage: PatchStage, prompts: list, artifact: Path) -> None:
     """The rest of `scripts/patch.py`'s work on `stage.model`, timed part by part into `stage`."""
-    from sasa_patcher.export.benchmark import on_cpu
+    from sasa_patcher.evaluation.latency import on_cpu
     from sasa_patcher.export.checkpoint import write_safetensors_artifact
     from sasa_patcher.export.model_card import CardInfo
     from sasa_patcher.probes.calibrate import calibrate
@@ -266,7 +266,8 @@ def calibrate_and_export(args: argparse.Namespace, stage: PatchStage, prompts: l
     seconds["export_safetensors"] = time.perf_counter() - started
     formats = ["safetensors"]
     if model.dtype == torch.float32:
-        from sasa_patcher.export.onnx_export import DECODER_FILE, export_onnx
+        from sasa_patcher.export.onnx_export import export_onnx
+        from sasa_patcher.export.onnx_names import DECODER_FILE
 
         started = time.perf_counter()
         with on_cpu(model):
@@ -290,7 +291,7 @@ def finish_patch_seconds(stage: PatchStage, started: float) -> None:
 
 # ----- the run --------------------------------------------------------------------------------------
 def measure_latency(args: argparse.Namespace, runtimes: list[str], stage: PatchStage, work_dir: Path) -> dict:
-    from sasa_patcher.export.benchmark import bench_onnxruntime, bench_pytorch, bench_token_ids
+    from sasa_patcher.evaluation.latency import bench_onnxruntime, bench_pytorch, bench_token_ids
 
     model = stage.model
     ids = bench_token_ids(model.config, args.batch_size, args.prompt_tokens, args.decode_tokens)

@@ -23,10 +23,10 @@ import torch
 
 from sasa_patcher.console import log, report_user_error
 from sasa_patcher.errors import UserInputError
+from sasa_patcher.evaluation.systems import DEFAULT_LIMIT, DEFAULT_MAX_NEW_TOKENS
 from sasa_patcher.export.atomic import atomic_output_dir, check_output_dir
 from sasa_patcher.loading import DEFAULT_MODEL, load_model, resolve_model, torch_dtype
 from sasa_patcher.modeling_sasa import SERVING_MODES
-from sasa_patcher.probes.evaluation import DEFAULT_LIMIT, DEFAULT_MAX_NEW_TOKENS
 
 RUNTIMES = ("auto", "safetensors", "onnx")
 DEFAULT_OUT = Path("eval-out")
@@ -128,7 +128,7 @@ def load_torch_artifact(patched: Path, device: str):
 
 def build_systems(args, runtime: str, modes: list[str], base) -> tuple[list, object]:
     """The base system, then one system per evaluated mode; and the ONNX runtime (None for safetensors)."""
-    from sasa_patcher.probes.evaluation import OnnxSystem, TorchSystem
+    from sasa_patcher.evaluation.systems import OnnxSystem, TorchSystem
 
     systems = [TorchSystem("base", base.model, base.processor)]
     vocab = base.model.config.get_text_config().vocab_size
@@ -153,8 +153,8 @@ def check_same_vocabulary(base: int, patched: int, args: argparse.Namespace) -> 
 
 def prompts_to_evaluate(args, metrics: dict) -> tuple[list, list, dict]:
     """(harmful and benign held-out prompts, over-refusal prompts, where they came from)."""
+    from sasa_patcher.evaluation.systems import over_refusal_prompts
     from sasa_patcher.probes.datasets import builtin_calibration_set
-    from sasa_patcher.probes.evaluation import over_refusal_prompts
     from sasa_patcher.probes.probe import data_digest
     from sasa_patcher.probes.splits import DEFAULT_HELDOUT_FRACTION, split
 
@@ -189,7 +189,12 @@ def typographic_size(onnx_vlm) -> tuple[int, int]:
 # ----- the run -----------------------------------------------------------------------------------------------
 def evaluate(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Every figure of the report, and the per-prompt records."""
-    from sasa_patcher.probes.evaluation import build_categories, generation_metrics, generation_records, utility_metrics
+    from sasa_patcher.evaluation.systems import (
+        build_categories,
+        generation_metrics,
+        generation_records,
+        utility_metrics,
+    )
 
     started = time.perf_counter()
     check_output_dir(args.out, args.force)

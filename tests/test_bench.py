@@ -1,4 +1,4 @@
-"""scripts/bench.py and export/benchmark.py on tiny models: floors, the unpatched ONNX baseline, the report, bad input.
+"""scripts/bench.py, evaluation/latency.py on tiny models: floors, the unpatched ONNX baseline, the report, bad input.
 
 Nothing here asserts a speed (shared machines are noisy): only structure and correctness. The ONNX
 tests export tiny decoder graphs, tens of seconds each (the dynamo export's decomposition pass), so the
@@ -20,7 +20,7 @@ import torch
 from script_loader import load_script
 from transformers import DynamicCache
 
-from sasa_patcher.export.benchmark import (
+from sasa_patcher.evaluation.latency import (
     MEASURES,
     OrtDecoder,
     bench_onnxruntime,
@@ -29,7 +29,8 @@ from sasa_patcher.export.benchmark import (
     layer_floors,
     token_ceiling,
 )
-from sasa_patcher.export.onnx_export import UNSAFE_PROB_NOT_COMPUTED, DecoderGraph, export_decoder
+from sasa_patcher.export.onnx_graphs import DecoderGraph, export_decoder
+from sasa_patcher.export.onnx_names import UNSAFE_PROB_NOT_COMPUTED
 from sasa_patcher.export.onnx_parity import LOGITS_TOLERANCE
 from sasa_patcher.modeling_sasa import CACHE_KEY, SasaSettings
 from sasa_patcher.patching import patch_model

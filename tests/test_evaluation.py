@@ -15,11 +15,7 @@ from PIL import Image
 from script_loader import load_script
 
 import tiny_models as tm
-from sasa_patcher.export.checkpoint import write_safetensors_artifact
-from sasa_patcher.modeling_sasa import SasaSettings
-from sasa_patcher.patching import patch_model
-from sasa_patcher.probes.datasets import builtin_calibration_set
-from sasa_patcher.probes.evaluation import (
+from sasa_patcher.evaluation.systems import (
     Category,
     TorchSystem,
     attack_success_rate,
@@ -38,6 +34,10 @@ from sasa_patcher.probes.evaluation import (
     user_text_mask,
     utility_metrics,
 )
+from sasa_patcher.export.checkpoint import write_safetensors_artifact
+from sasa_patcher.modeling_sasa import SasaSettings
+from sasa_patcher.patching import patch_model
+from sasa_patcher.probes.datasets import builtin_calibration_set
 from sasa_patcher.probes.features import encode_prompts
 from sasa_patcher.probes.probe import operating_point
 from sasa_patcher.probes.splits import group_key, split
@@ -334,9 +334,9 @@ def test_bad_input_exits_2_with_one_line(cli, tiny_artifact, tmp_path, capsys, c
 def test_onnx_system_matches_the_pytorch_system(tmp_path):
     """The tiny patched model exported to ONNX (gate baked, ~10-30 s): the same answers, verdicts and
     scored teacher-forced logits as in PyTorch, on text prompts and on images of the supported size."""
+    from sasa_patcher.evaluation.systems import OnnxSystem
     from sasa_patcher.export.onnx_export import export_onnx
     from sasa_patcher.export.onnx_runtime import OnnxVlm
-    from sasa_patcher.probes.evaluation import OnnxSystem
 
     _, model = patched_pair(threshold=0.45)
     processor = tiny_processor("qwen2_vl")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from sasa_patcher.errors import UserInputError
-from sasa_patcher.export.onnx_export import export_decoder
+from sasa_patcher.export.onnx_graphs import export_decoder
 from sasa_patcher.export.onnx_runtime import text_positions
 from sasa_patcher.modeling_sasa import CACHE_KEY, SasaSettings, transformers_base_class
 
