@@ -30,7 +30,6 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from sasa_patcher.errors import UserInputError
 from sasa_patcher.export.onnx_graphs import export_decoder
 from sasa_patcher.export.onnx_runtime import text_positions
 from sasa_patcher.modeling_sasa import CACHE_KEY, SasaSettings, transformers_base_class
+from sasa_patcher.patching import temporary_settings
 
 VARIANTS = ("baseline", "gate", "augment")
 # measure -> (phase, patched variant); every measure is that variant's median over the baseline's.
@@ -102,17 +102,6 @@ def bench_token_ids(config, batch: int, prompt_tokens: int, decode_tokens: int, 
 
 
 # ----- shared harness -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def serving_mode(model, mode: str) -> Iterator[None]:
-    """Temporarily serve `mode` (gate | augment); the settings are restored afterwards."""
-    previous = model.sasa
-    model.set_sasa(replace(previous, mode=mode))
-    try:
-        yield
-    finally:
-        model.set_sasa(previous)
-
-
 @contextlib.contextmanager
 def on_cpu(model) -> Iterator[None]:
     """The exporter traces with CPU example inputs: a GPU model visits the CPU for the export."""
@@ -194,7 +183,7 @@ def torch_runner(model, variant: str, ids: torch.Tensor, prompt_tokens: int) -> 
         mode = contextlib.nullcontext
     else:
         forward = partial(type(model).forward, model)
-        mode = partial(serving_mode, model, variant)
+        mode = partial(temporary_settings, model, mode=variant)
 
     def run() -> tuple[float, float]:
         if variant == "baseline":
@@ -256,7 +245,7 @@ def export_decoders(model, out_dir: Path, reuse: dict[str, Path] | None = None,
             continue
         paths[variant] = Path(out_dir) / f"decoder_{variant}.onnx"
         started = time.perf_counter()
-        with on_cpu(model), serving_mode(model, "gate" if variant == "baseline" else variant):
+        with on_cpu(model), temporary_settings(model, mode="gate" if variant == "baseline" else variant):
             export_decoder(model, paths[variant], probe=variant != "baseline")
         seconds[variant] = time.perf_counter() - started
         log(f"exported the {variant} decoder in {seconds[variant]:.1f}s")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
 from transformers import PreTrainedModel
 
 from sasa_patcher.errors import UserInputError
@@ -42,8 +46,9 @@ def parse_layers(text: str) -> tuple[int, int]:
     return safety, semantic
 
 
-def refusal_token_ids(model: PreTrainedModel, tokenizer, text: str) -> list[int]:
-    """The refusal as token ids ending in end-of-sequence, so gate mode can emit it inside generate()."""
+def encode_refusal(model: PreTrainedModel, tokenizer, text: str) -> list[int]:
+    """The refusal text as token ids ending in end-of-sequence (stored as `SasaSettings.refusal_token_ids`),
+    so gate mode can emit it inside generate()."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos_token_id(model, tokenizer)]
 
 
@@ -79,8 +84,25 @@ def patch_model(model: PreTrainedModel, settings: SasaSettings, tokenizer=None) 
     except ValueError as error:
         raise UserInputError(f"invalid SASA settings: {error}") from None
     if tokenizer is not None:
-        settings.refusal_token_ids = refusal_token_ids(model, tokenizer, settings.refusal_text)
+        settings.refusal_token_ids = encode_refusal(model, tokenizer, settings.refusal_text)
     model.__class__ = patched_class
     model.init_sasa(settings)
     model.config.architectures = [patched_class.__name__]
     return model
+
+
+@contextlib.contextmanager
+def temporary_settings(model: SasaMixin, **changes) -> Iterator[SasaSettings]:
+    """Serve with some SASA settings changed (e.g. `mode="augment"`, `safety_layer=...`), then restore them.
+
+    The one way to change settings for a while (benchmark variants, localisation, reader measurements):
+    the original settings come back even when the body raises, so a failed measurement never leaves a
+    model patched with the wrong layers or mode. Yields the settings in force inside the block.
+    """
+    original = model.sasa
+    changed = dataclasses.replace(original, **changes)
+    model.set_sasa(changed)
+    try:
+        yield changed
+    finally:
+        model.set_sasa(original)

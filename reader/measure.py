@@ -12,7 +12,6 @@ probe on the patched graph's projected logits against the plain logits, at sever
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -22,6 +21,7 @@ from reader.corpus import split_sentences, stdlib_sentences
 from reader.render import Sample, font_paths, render_figstep, render_free
 from reader.transcribe import score, transcribe
 from sasa_patcher.evaluation.systems import TorchSystem, generate_all, take
+from sasa_patcher.patching import temporary_settings
 from sasa_patcher.probes.datasets import Prompt, load_advbench, load_benign, load_harmbench
 from sasa_patcher.probes.features import extract_features
 from sasa_patcher.probes.probe import cross_validate
@@ -92,18 +92,16 @@ def sasa_aurocs(model, processor, prompts: Sequence[Prompt], pairs: Sequence[tup
                 batch_size: int) -> list[dict]:
     """Probe AUROC with (`projected-logits`) and without (`logits`) the SASA projection, per (s, f)."""
     rows = []
-    original = model.sasa
     for safety, semantic in pairs:
-        model.set_sasa(dataclasses.replace(original, safety_layer=safety, semantic_layer=semantic))
-        features = extract_features(model, processor, prompts, batch_size=batch_size,
-                                    candidates=("projected-logits", "logits"), layer_states=False,
-                                    description=f"SASA s={safety} f={semantic}")
+        with temporary_settings(model, safety_layer=safety, semantic_layer=semantic):
+            features = extract_features(model, processor, prompts, batch_size=batch_size,
+                                        candidates=("projected-logits", "logits"), layer_states=False,
+                                        description=f"SASA s={safety} f={semantic}")
         rows.append({
             "s": safety,
             "f": semantic,
             "auroc_projected": cv_auroc(features.candidates["projected-logits"], features.labels),
             "auroc_plain": cv_auroc(features.candidates["logits"], features.labels),
         })
-    model.set_sasa(original)
     return rows
 
