@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +48,25 @@ from sasa_patcher.cache import user_cache_dir
 from sasa_patcher.errors import UserInputError
 
 EMBEDDED_MODELS: tuple[str, ...] = ("smol-qwen-vl", "smol-llava")
+SMOLLM2_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class EmbeddedProvenance:
+    """What an embedded model's card declares: the licence of its weights and the Hub models they come from.
+
+    Keyed by the exact embedded name, so only these builds (not any model whose name merely starts
+    with `smol-`) inherit SmolLM2's licence and source.
+    """
+
+    license: str
+    source_models: tuple[str, ...]
+
+
+EMBEDDED_PROVENANCE: dict[str, EmbeddedProvenance] = {
+    "smol-qwen-vl": EmbeddedProvenance("apache-2.0", (SMOLLM2_SOURCE,)),
+    "smol-llava": EmbeddedProvenance("apache-2.0", (SMOLLM2_SOURCE,)),
+}
 
 # Bump whenever the build below changes what lands on disk: cached builds with another number are rebuilt.
 RECIPE_VERSION = 1
