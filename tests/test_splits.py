@@ -1,4 +1,4 @@
-"""Hash splits: disjoint, complete, stable across runs and processes, groups kept together; per-source folds."""
+"""Hash splits: disjoint, complete, stable across runs and processes, groups kept together; source families."""
 
 import hashlib
 import subprocess
@@ -10,10 +10,8 @@ from PIL import Image
 
 from sasa_patcher.probes.datasets import Prompt, builtin_calibration_set, form_twin
 from sasa_patcher.probes.splits import (
-    by_source,
     group_key,
     is_heldout,
-    leave_one_source_out,
     source_family,
     sources,
     split,
@@ -104,18 +102,9 @@ def test_salt_gives_another_split_and_fraction_is_checked():
             split(prompts, heldout_fraction=bad)
 
 
-def test_sources_and_leave_one_source_out():
+def test_source_families():
     prompts = synthetic(30) + [
         Prompt(text="Explain topic number 0", label=0, source="set9/typographic", form="imperative"),
-        Prompt(text="Explain topic number 0", label=0, source="set1", form="imperative"),
     ]
     assert source_family("advbench/typographic") == "advbench"
     assert sources(prompts) == ["set0", "set1", "set2", "set9"]
-    groups = by_source(prompts)
-    assert sum(len(g) for g in groups.values()) == len(prompts)
-    folds = list(leave_one_source_out(prompts))
-    assert [family for family, _, _ in folds] == ["set0", "set1", "set2", "set9"]
-    for family, train, test in folds:
-        assert {source_family(p.source) for p in test} == {family}
-        assert family not in {source_family(p.source) for p in train}
-        assert not {group_key(p) for p in train} & {group_key(p) for p in test}  # shared texts dropped

@@ -60,11 +60,11 @@ def test_files_are_named_by_content_hash(tmp_path):
 
 
 def test_prompt_becomes_an_image_prompt(tmp_path):
-    prompt = Prompt(text=REQUEST, label=1, source="harmbench", form="imperative", category="chemical")
+    prompt = Prompt(text=REQUEST, label=1, source="harmbench", form="imperative", category="indiscriminate_weapons")
     typo = to_typographic(prompt, cache_dir=tmp_path)
     assert typo.text == CARRIER_PROMPT
     assert typo.image is not None and typo.image.read_bytes() == typographic_png(REQUEST)
-    assert (typo.label, typo.form, typo.category) == (1, "imperative", "chemical")
+    assert (typo.label, typo.form, typo.category) == (1, "imperative", "indiscriminate_weapons")
     assert typo.source == "harmbench/typographic"
     assert typo.origin == REQUEST
     for fraction in (0.2, 0.5, 0.8):
