@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sasa_patcher.patching import temporary_settings
 from sasa_patcher.probes.features import extract_features
 from sasa_patcher.probes.probe import cross_validate
 from sasa_patcher.probes.refusal import REFUSAL_OPENINGS
@@ -266,13 +267,9 @@ def plot_curves(localisation: Localisation, path: str | Path) -> None:
 @contextlib.contextmanager
 def cheapest_projection(model) -> Iterator[None]:
     """Temporarily put (s, f) at (L-2, L-1): layer states do not depend on them, the second pass is shortest."""
-    settings = model.sasa
     layers = model.config.get_text_config().num_hidden_layers
-    model.set_sasa(dataclasses.replace(settings, safety_layer=layers - 2, semantic_layer=layers - 1))
-    try:
+    with temporary_settings(model, safety_layer=layers - 2, semantic_layer=layers - 1):
         yield
-    finally:
-        model.set_sasa(settings)
 
 
 def typographic_pairs(prompts: Sequence, *, max_pairs: int = DEFAULT_MAX_PAIRS, seed: int = 0,
