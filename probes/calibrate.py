@@ -14,7 +14,6 @@ What ends up in the model:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sasa_patcher.jsonl import write_jsonl
 from sasa_patcher.modeling_sasa import PROBE_FEATURES
 from sasa_patcher.probes.features import extract_features, image_sha256
 from sasa_patcher.probes.localisation import DEFAULT_MAX_PAIRS, Localisation, localise
@@ -70,11 +70,7 @@ class CalibrationReport:
 
     def write_audit(self, path: str | Path) -> Path:
         """`calibration.jsonl`: one line per prompt (text, label, source, split, image sha256, score)."""
-        path = Path(path)
-        with open(path, "w", encoding="utf-8") as handle:
-            for record in self.records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return path
+        return write_jsonl(path, self.records)
 
 
 def _check_classes(labels: np.ndarray, where: str) -> None:
