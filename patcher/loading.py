@@ -140,13 +140,19 @@ def load_model(
     dtype: str = "auto",
     device: str = "cpu",
     adapter: Path | None = None,
+    directory: Path | None = None,
 ) -> LoadedModel:
-    """Load base model and processor, merging a LoRA adapter if given."""
+    """Load base model and processor, merging a LoRA adapter if given.
+
+    `directory` is `resolve_model(spec)` when the caller has resolved it already (the pipeline does,
+    to read the layer count first): resolving twice would repeat the Hub lookup or embedded check.
+    """
     check_device(device)
     resolved_dtype = torch_dtype(dtype, device)
     if adapter is not None:
         check_adapter(adapter)
-    directory = resolve_model(spec)
+    if directory is None:
+        directory = resolve_model(spec)
     check_architecture(directory)
     model = AutoModelForImageTextToText.from_pretrained(
         directory, dtype=resolved_dtype, device_map="auto" if device == "auto" else None

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from script_loader import load_script
 
+from sasa_patcher.cli import patch as patch_cli
 from tiny_models import build_qwen2_vl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +19,7 @@ SCRIPT = ROOT / "scripts" / "patch.py"
 
 @pytest.fixture(scope="module")
 def cli():
-    return load_script("patch")
+    return patch_cli
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,317 @@
+"""The patch pipeline, once: load -> patch -> calibrate -> export, as every caller runs it.
+
+Why one function: `scripts/patch.py`, the bench and the memory measurement used to load, patch,
+calibrate and export each in their own way, so the benchmark did not time what users run. Now all
+of them build a `PatchOptions` and call `run_patch`, which returns what happened (artifact paths,
+the calibration report, seconds and peak memory per stage). Everything checkable is checked before
+the model is loaded, so bad input costs nothing and writes nothing (`UserInputError`, exit code 2).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sasa_patcher.errors import UserInputError
+from sasa_patcher.memory import memory_snapshot, reset_peak
+from sasa_patcher.modeling_sasa import DEFAULT_REFUSAL, PROBE_FEATURES, PROJECTION_MODES, SERVING_MODES, SasaSettings
+
+FORMATS = ("safetensors", "onnx")
+BASE_WEIGHTS = {"check": None, "trust": False, "save": True}  # -> write_safetensors_artifact(weights_modified=)
+Log = Callable[[str], None]
+
+
+@dataclass
+class PatchOptions:
+    """Everything one patch run needs; the CLI flags map one to one (`--no-calibration-record` negated).
+
+    `calibration` is 'builtin', a JSONL manifest path or 'none'; `calibration_prompts` hands prompts
+    in directly (the bench's balanced subsample) and then `calibration` only names them on the card.
+    `base_weights` says how the base weights reach the artifact: check bytes against the base files,
+    trust them, or save from memory (forced by an adapter).
+    """
+
+    out: Path
+    model: str = "smol-qwen-vl"
+    layers: str = "auto"
+    projection: str = "replace"
+    beta: float = 1.0
+    eps: float = 1e-6
+    mode: str = "gate"
+    refusal_text: str = DEFAULT_REFUSAL
+    calibration: str = "builtin"
+    calibration_prompts: Sequence | None = None
+    probe_features: str = "auto"
+    target_fpr: float = 0.05
+    batch_size: int = 8
+    calibration_record: bool = True
+    formats: tuple[str, ...] = FORMATS
+    push_to_hub: str | None = None
+    adapter: Path | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    force: bool = False
+    base_weights: str = "check"
+
+    def validate(self) -> None:
+        """Every check that needs no model: raises `UserInputError` naming the flag and the fix."""
+        from sasa_patcher.export.atomic import check_output_dir
+        from sasa_patcher.loading import check_adapter, check_device, torch_dtype
+
+        check_output_dir(self.out, self.force)
+        choices = (("projection", self.projection, PROJECTION_MODES), ("mode", self.mode, SERVING_MODES),
+                   ("probe-features", self.probe_features, ("auto", *PROBE_FEATURES)),
+                   ("base-weights", self.base_weights, tuple(BASE_WEIGHTS)))
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise UserInputError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0.0 < self.target_fpr < 1.0:
+            raise UserInputError(f"--target-fpr must be a rate in (0, 1), got {self.target_fpr}")
+        if self.batch_size < 1:
+            raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.formats or any(part not in FORMATS for part in self.formats):
+            raise UserInputError(f"--format takes a comma-separated subset of {', '.join(FORMATS)}, "
+                                 f"got {','.join(self.formats)!r}")
+        check_device(self.device)
+        if "onnx" in self.formats:  # float32 and one device: say so before any work, not after calibration
+            dtype = torch_dtype(self.dtype, self.device)
+            if dtype != torch.float32:
+                raise UserInputError(f"the ONNX export is float32, but the model would load as "
+                                     f"{str(dtype).split('.')[-1]}: pass --dtype float32, or --format safetensors")
+            if self.device == "auto":
+                raise UserInputError("the ONNX export needs the whole model on one device: pass --device cpu or "
+                                     "cuda, or --format safetensors")
+        if self.adapter is not None:
+            check_adapter(self.adapter)
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """`--format safetensors,onnx` as a tuple; an unknown or empty list is bad input."""
+    formats = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not formats or any(part not in FORMATS for part in formats):
+        raise UserInputError(f"--format takes a comma-separated subset of {', '.join(FORMATS)}, got {text!r}")
+    return formats
+
+
+@dataclass
+class PatchResult:
+    """What a run did: the patched model (still in memory), where each artifact is, seconds and memory per stage.
+
+    `seconds` has load, patch, localisation, features, fit (probe fit + leave-one-source-out),
+    calibrate (all of calibration), export_safetensors, export_onnx and total, for the stages that
+    ran; `memory` has one `memory_snapshot` per stage (peak since the previous stage where the kernel
+    allows resetting it: `peak_reset_per_stage`).
+    """
+
+    out: Path
+    model: object
+    processor: object
+    source: Path
+    num_layers: int
+    layers_chosen_by: str
+    calibration: object | None = None  # probes.calibrate.CalibrationReport
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    peak_reset_per_stage: bool = False
+    safetensors: dict | None = None  # what the checkpoint writer reports about the base weights
+    hub_url: str | None = None
+
+
+class StageClock:
+    """Seconds and a memory snapshot per stage, the peak reset between stages (one clock per run)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.memory: dict[str, dict[str, int]] = {}
+        self.peak_reset = reset_peak()
+        self.mark = time.perf_counter()
+
+    def done(self, name: str) -> float:
+        """Close stage `name` (it ran since the previous one); returns its seconds."""
+        now = time.perf_counter()
+        self.seconds[name] = now - self.mark
+        self.memory[name] = memory_snapshot()
+        reset_peak()
+        self.mark = now
+        return self.seconds[name]
+
+
+def calibration_prompts(options: PatchOptions) -> list | None:
+    """The prompts to calibrate on (None: untrained probe), read before any model is loaded."""
+    if options.calibration_prompts is not None:
+        return list(options.calibration_prompts)
+    if options.calibration == "none":
+        return None
+    if options.calibration == "builtin":
+        from sasa_patcher.probes.datasets import builtin_calibration_set
+
+        return builtin_calibration_set()
+    from sasa_patcher.probes.manifest import load_manifest
+
+    return load_manifest(Path(options.calibration))
+
+
+def initial_settings(options: PatchOptions, num_layers: int) -> SasaSettings:
+    """Settings before calibration: the given layers, or the fallback rule until localisation replaces them."""
+    from sasa_patcher.patching import default_layers, parse_layers
+
+    safety, semantic = default_layers(num_layers) if options.layers == "auto" else parse_layers(options.layers)
+    features = "projected-logits" if options.probe_features == "auto" else options.probe_features
+    settings = SasaSettings(safety, semantic, projection=options.projection, beta=options.beta, eps=options.eps,
+                            mode=options.mode, refusal_text=options.refusal_text, probe_features=features)
+    try:
+        settings.validate(num_layers)
+    except ValueError as error:
+        raise UserInputError(f"--layers: {error}") from None
+    return settings
+
+
+def resolve(options: PatchOptions) -> tuple[Path, int]:
+    """The model directory (resolved once for the whole run) and its decoder depth."""
+    from transformers import AutoConfig
+
+    from sasa_patcher.loading import check_architecture, resolve_model
+
+    directory = resolve_model(options.model)
+    check_architecture(directory)
+    return directory, AutoConfig.from_pretrained(directory).get_text_config().num_hidden_layers
+
+
+def load_and_patch(options: PatchOptions, directory: Path, num_layers: int, clock: StageClock, log: Log) -> PatchResult:
+    """Stages 1 and 2: load the base model as given, then swap in the patched class (no weight copy)."""
+    from sasa_patcher.loading import load_model
+    from sasa_patcher.patching import patch_model
+
+    settings = initial_settings(options, num_layers)
+    result = PatchResult(options.out, None, None, directory, num_layers,
+                         "user" if options.layers != "auto" else "default rule", seconds=clock.seconds,
+                         memory=clock.memory, peak_reset_per_stage=clock.peak_reset)
+    log(f"loading {options.model} ({directory})")
+    loaded = load_model(options.model, dtype=options.dtype, device=options.device, adapter=options.adapter,
+                        directory=directory)
+    clock.done("load")
+    result.model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
+    result.processor = loaded.processor
+    clock.done("patch")
+    log(f"loaded in {result.seconds['load']:.1f}s and patched in {result.seconds['patch']:.2f}s ({num_layers} "
+        f"layers, s={settings.safety_layer}, f={settings.semantic_layer}, projection {settings.projection}, "
+        f"mode {settings.mode})")
+    return result
+
+
+def run_patch(options: PatchOptions, log: Log = lambda message: None) -> PatchResult:
+    """Load -> patch -> calibrate -> export into `options.out` (staged, moved into place atomically)."""
+    from sasa_patcher.export.atomic import atomic_output_dir
+
+    started = time.perf_counter()
+    options.validate()
+    directory, num_layers = resolve(options)
+    initial_settings(options, num_layers)  # bad --layers fails before calibration data is read
+    prompts = calibration_prompts(options)
+    if prompts is None and options.layers == "auto":
+        log("no calibration: layers fall back to the default rule (two fifths of the depth, f = s + 2)")
+    clock = StageClock()
+    result = load_and_patch(options, directory, num_layers, clock, log)
+    with atomic_output_dir(options.out, options.force) as staging:
+        plot = calibrate_stage(options, result, prompts, staging, clock, log)
+        export_stage(options, result, staging, plot, clock, log)
+    result.artifacts = {name: options.out / path.relative_to(staging) for name, path in result.artifacts.items()}
+    if options.push_to_hub:
+        from sasa_patcher.export.hub import push_to_hub
+
+        result.hub_url = push_to_hub(options.out, options.push_to_hub)
+        log(f"uploaded to {result.hub_url}")
+    result.seconds["total"] = time.perf_counter() - started
+    return result
+
+
+def calibrate_stage(options: PatchOptions, result: PatchResult, prompts: list | None, staging: Path,
+                    clock: StageClock, log: Log) -> Path | None:
+    """Stage 3: localise (s, f) when asked, fit the probe and its threshold; returns the localisation plot."""
+    if prompts is None:
+        log("probe head: untrained (zero weights, threshold +inf: nothing is flagged)")
+        return None
+    from sasa_patcher.patching import parse_layers
+    from sasa_patcher.probes.calibrate import calibrate
+
+    log(f"calibrating on {len(prompts)} prompts ({options.calibration})")
+    layers = "auto" if options.layers == "auto" else parse_layers(options.layers)
+    report = calibrate(result.model, result.processor, prompts, layers=layers, features=options.probe_features,
+                       target_fpr=options.target_fpr, batch_size=options.batch_size, plot_dir=staging)
+    clock.done("calibrate")
+    result.calibration = report
+    result.seconds.update(localisation=report.timings.get("localisation_s", 0.0), features=report.timings["features_s"],
+                          fit=report.timings["fit_s"] + report.timings["loso_s"])
+    if options.layers == "auto":
+        result.layers_chosen_by = "calibration"
+    for line in calibration_lines(report):
+        log(line)
+    if options.calibration_record:
+        result.artifacts["calibration_record"] = report.write_audit(staging / "calibration.jsonl")
+    return next(iter(sorted(staging.glob("*.png"))), None)
+
+
+def export_stage(options: PatchOptions, result: PatchResult, staging: Path, plot: Path | None, clock: StageClock,
+                 log: Log) -> None:
+    """Stage 4: the safetensors artifact (base files unchanged + SASA tensors), then the ONNX graphs."""
+    if "safetensors" in options.formats:
+        from sasa_patcher.export.checkpoint import write_safetensors_artifact
+
+        modified = True if options.adapter else BASE_WEIGHTS[options.base_weights]
+        result.safetensors = write_safetensors_artifact(result.model, result.processor, result.source, staging,
+                                                        card_info=card_info(options, plot),
+                                                        weights_modified=modified)
+        result.artifacts["safetensors"] = staging
+        log(f"safetensors artifact written in {clock.done('export_safetensors'):.1f}s")
+    if "onnx" in options.formats:
+        from sasa_patcher.export.onnx_export import export_onnx
+
+        if result.model.device.type != "cpu":
+            log("moving the model to the CPU for the ONNX export (traced and parity-checked there)")
+            result.model = result.model.to("cpu")
+        export_onnx(result.model, result.processor, staging / "onnx", log=log)
+        result.artifacts["onnx"] = staging / "onnx"
+        log(f"ONNX artifact written in {clock.done('export_onnx'):.1f}s; parity figures in "
+            "onnx/parity.json")
+
+
+def card_info(options: PatchOptions, plot: Path | None):
+    """The model card's names: licence and source models from the embedded-model registry, by exact name."""
+    from sasa_patcher.embedded import EMBEDDED_PROVENANCE
+    from sasa_patcher.export.model_card import CardInfo
+    from sasa_patcher.loading import ALIASES
+
+    provenance = EMBEDDED_PROVENANCE.get(options.model)
+    calibration = options.calibration
+    if options.calibration_prompts is not None:
+        calibration = f"{calibration} ({len(options.calibration_prompts)} prompts)"
+    return CardInfo(
+        base_model=ALIASES.get(options.model, options.model),
+        license=provenance.license if provenance else None,
+        localisation_plot=plot,
+        source_models=list(provenance.source_models) if provenance else [],
+        calibration_data=[] if calibration == "none" else [calibration],
+    )
+
+
+def calibration_lines(report) -> list[str]:
+    """The calibration figures a user reads on the console: layers, probe choice, held-out and per-source AUROC."""
+    held, metrics = report.heldout, report.metrics
+    s, f = report.layers
+    return [
+        f"layers: s={s}, f={f} ({metrics['layers_chosen_by']})",
+        "probe features (cross-validated AUROC on the calibration split): "
+        + ", ".join(f"{name} {value:.3f}" for name, value in metrics["candidates_cv_auroc"].items())
+        + f" -> {report.feature}",
+        f"held-out ({held['n_harmful']} harmful, {held['n_benign']} benign): AUROC {held['auroc']:.3f}, "
+        f"TPR {held['tpr']:.3f}, FPR {held['fpr']:.3f} at threshold {report.threshold:.4f} "
+        f"(target FPR {report.target_fpr:.2f} on calibration data)",
+        f"leave-one-source-out AUROC: mean {metrics['loso_mean_auroc']:.3f}, min {metrics['loso_min_auroc']:.3f}; "
+        "per source: " + ", ".join(f"{name} {value:.3f}" for name, value in metrics["loso_auroc"].items()
+                                   if value is not None),
+    ]
