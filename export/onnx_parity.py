@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sasa_patcher.architectures import spec_for
+from sasa_patcher.export.onnx_graphs import VisionEncoderGraph
 from sasa_patcher.export.onnx_runtime import OnnxVlm
 
 # Logits: 1e-4 absolute, or 1e-5 of the largest |logit| when that is larger. Why the relative part:
@@ -110,15 +112,14 @@ def _torch_greedy(model, batch: dict, max_new_tokens: int) -> tuple[np.ndarray, 
 
 @torch.no_grad()
 def compare_case(model, runtime: OnnxVlm, case: dict, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
-    from sasa_patcher.export.onnx_export import VisionEncoderGraph, image_layout
-
     batch = {key: value for key, value in case.items() if key != "name"}
     mask = batch["attention_mask"].bool().numpy()
     images = split_images(model, batch)
     figures: dict[str, Any] = {"name": case.get("name", ""), "batch": int(mask.shape[0]), "images": len(images),
                                "prompt_tokens": [int(row.sum()) for row in mask]}
     if images:
-        encoder = VisionEncoderGraph(model, image_layout(model, tuple(runtime.config["image"]["sizes"][0])))
+        layout = spec_for(model).image_layout(model, tuple(runtime.config["image"]["sizes"][0]))
+        encoder = VisionEncoderGraph(model, layout)
         expected = [encoder(torch.from_numpy(pixels)).numpy() for pixels in images]
         figures["image_features_max_abs_diff"] = max(
             _max_diff(runtime.encode_images([pixels]), want) for pixels, want in zip(images, expected, strict=True))

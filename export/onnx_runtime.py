@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-CONFIG_NAME = "sasa_onnx.json"
-ONNX_DIRNAME = "onnx"
+from sasa_patcher.export.onnx_names import CONFIG_NAME, ONNX_DIRNAME
 
 
 def find_onnx_dir(path) -> Path:
@@ -189,8 +188,9 @@ class OnnxVlm:
 
     # --- properties of the artifact
     @property
-    def qwen(self) -> bool:
-        return self.config["architecture"] in ("qwen2_vl", "qwen2_5_vl")
+    def position_rows(self) -> int:
+        """1: positions [B, T]; 4: the text row and the three M-RoPE rows, [4, B, T] (the config says which)."""
+        return self.config["graphs"]["decoder"]["position_rows"]
 
     @property
     def flaggable(self) -> bool:
@@ -217,7 +217,7 @@ class OnnxVlm:
     def prefill_positions(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         text = text_positions(attention_mask)
         batch = input_ids.shape[0]
-        if not self.qwen:
+        if self.position_rows == 1:
             return text, np.zeros((batch, 1), np.int64)
         image = self.config["image"]
         if not (input_ids == image["image_token_id"]).any():
@@ -228,7 +228,7 @@ class OnnxVlm:
 
     def step_positions(self, attention_mask: np.ndarray, deltas: np.ndarray) -> np.ndarray:
         text = text_positions(attention_mask)[:, -1:]
-        return np.stack([text] + [text + deltas] * 3) if self.qwen else text
+        return np.stack([text] + [text + deltas] * 3) if self.position_rows == 4 else text
 
     def run_decoder(self, embeds, attention_mask, position_ids, past: list[np.ndarray]) -> list[np.ndarray]:
         feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask.astype(np.int64),

@@ -491,14 +491,17 @@ class _QwenVLAdapter(SasaMixin):
             raise NotImplementedError("video inputs are not supported by the SASA patch yet")
         if inputs_embeds is None:
             inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        pixel_values = multimodal.get("pixel_values")
-        if pixel_values is None:
+        if multimodal.get("pixel_values") is None:
             return inputs_embeds
-        grid = multimodal["image_grid_thw"]
-        features = self.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output
-        image_embeds = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        image_embeds = self.sasa_image_features(multimodal).to(inputs_embeds.device, inputs_embeds.dtype)
         image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_embeds)
         return inputs_embeds.masked_scatter(image_mask, image_embeds)
+
+    def sasa_image_features(self, multimodal: dict) -> torch.Tensor:
+        """Every image's features, [image tokens of all images, hidden]: what replaces the placeholders."""
+        grid = multimodal["image_grid_thw"]
+        features = self.model.get_image_features(multimodal["pixel_values"], grid, return_dict=True).pooler_output
+        return torch.cat(list(features), dim=0)
 
     def sasa_positions(self, position_ids, input_ids, attention_mask, past_length, embeds, cache, multimodal):
         if position_ids is not None:
@@ -550,11 +553,16 @@ class SasaLlavaForConditionalGeneration(SasaMixin, LlavaForConditionalGeneration
     def sasa_input_embeddings(self, input_ids, inputs_embeds, multimodal: dict) -> torch.Tensor:
         if inputs_embeds is None:
             inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        pixel_values = multimodal.get("pixel_values")
-        if pixel_values is None:
+        if multimodal.get("pixel_values") is None:
             return inputs_embeds
+        image_features = self.sasa_image_features(multimodal).to(inputs_embeds.device, inputs_embeds.dtype)
+        image_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features)
+        return inputs_embeds.masked_scatter(image_mask, image_features)
+
+    def sasa_image_features(self, multimodal: dict) -> torch.Tensor:
+        """Every image's features, [image tokens of all images, hidden]: what replaces the placeholders."""
         features = self.model.get_image_features(
-            pixel_values=pixel_values,
+            pixel_values=multimodal["pixel_values"],
             vision_feature_layer=multimodal.get("vision_feature_layer", self.config.vision_feature_layer),
             vision_feature_select_strategy=multimodal.get(
                 "vision_feature_select_strategy", self.config.vision_feature_select_strategy

@@ -19,21 +19,24 @@ import pytest
 import torch
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
 import tiny_models
-from sasa_patcher.export.onnx_export import CONFIG_NAME, build_config, export_onnx, image_layout
+from sasa_patcher.architectures import spec_for
+from sasa_patcher.export.onnx_config import build_config
+from sasa_patcher.export.onnx_export import export_onnx
+from sasa_patcher.export.onnx_names import CONFIG_NAME
 from sasa_patcher.export.onnx_runtime import OnnxVlm, mrope_positions, preprocess_image
 from sasa_patcher.modeling_sasa import DEFAULT_REFUSAL, SasaSettings
 from sasa_patcher.patching import patch_model
-from sasa_patcher.processors import ImageOnlyQwen2VLProcessor
+from sasa_patcher.processors import image_only
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "generate_onnx.py"
 TINY_SIZE = (56, 56)  # 4x4 patches of 14 -> 4 merged image tokens
 PROMPT = "w10 w20 w30 w41 w52"
 # What the generate script may import besides the standard library.
-ALLOWED_THIRD_PARTY = {"onnxruntime", "numpy", "tokenizers", "PIL", "jinja2", "markupsafe", "export"}
+ALLOWED_THIRD_PARTY = {"onnxruntime", "numpy", "tokenizers", "PIL", "jinja2", "markupsafe", "sasa_patcher"}
 
 TINY_SPECIAL = {
     "<pad>": tiny_models.PAD, "<|im_end|>": tiny_models.EOS, "<|image_pad|>": tiny_models.IMAGE_TOKEN,
@@ -50,7 +53,7 @@ TINY_TEMPLATE = (
 )
 
 
-def tiny_processor() -> ImageOnlyQwen2VLProcessor:
+def tiny_processor() :
     """Word-level tokenizer over the tiny vocabulary ('user', 'assistant', 'w5'..) and a 56x56 image processor."""
     vocab = dict(TINY_SPECIAL)
     words = ["user", "assistant", "system"] + [f"w{i}" for i in range(5, tiny_models.IMAGE_TOKEN)]
@@ -64,7 +67,8 @@ def tiny_processor() -> ImageOnlyQwen2VLProcessor:
     pixels = TINY_SIZE[0] * TINY_SIZE[1]
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels},
                                                patch_size=14, merge_size=2, temporal_patch_size=2)
-    return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=TINY_TEMPLATE)
+    return image_only(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=TINY_TEMPLATE)
 
 
 def tiny_model():
@@ -151,7 +155,8 @@ def test_clip_pixels_equal_the_hf_processor(size):
     image_size = (tiny_models.LLAVA_IMAGE_SIZE,) * 2
     clip = CLIPImageProcessorPil(size={"shortest_edge": image_size[0]},
                                  crop_size={"height": image_size[0], "width": image_size[1]})
-    config = build_config(model, SimpleNamespace(image_processor=clip), image_layout(model, image_size), image_size)
+    config = build_config(model, SimpleNamespace(image_processor=clip), spec_for(model).image_layout(model, image_size),
+                          image_size)
     image = make_image(size)
     expected = clip(images=[image], return_tensors="np")["pixel_values"]
     pixels = preprocess_image(image, config)

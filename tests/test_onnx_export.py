@@ -14,7 +14,8 @@ import onnx
 import pytest
 import torch
 
-from sasa_patcher.export.onnx_export import CONFIG_NAME, PARITY_NAME, UNSAFE_PROB_NOT_COMPUTED, export_onnx
+from sasa_patcher.export.onnx_export import export_onnx
+from sasa_patcher.export.onnx_names import CONFIG_NAME, PARITY_NAME, UNSAFE_PROB_NOT_COMPUTED
 from sasa_patcher.export.onnx_parity import LOGITS_TOLERANCE, PARITY_NEW_TOKENS, PROB_TOLERANCE, default_parity_cases
 from sasa_patcher.export.onnx_runtime import OnnxVlm
 from sasa_patcher.modeling_sasa import SasaSettings

@@ -17,13 +17,14 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
 )
 
 import tiny_models as tm
 from sasa_patcher.modeling_sasa import SasaSettings
 from sasa_patcher.patching import patch_model
 from sasa_patcher.probes.datasets import Prompt
-from sasa_patcher.processors import ImageOnlyQwen2VLProcessor
+from sasa_patcher.processors import image_only
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -59,7 +60,7 @@ def tiny_processor(family: str):
         images = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=14,
                                           merge_size=2, temporal_patch_size=2)
         template = CHAT_TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")
-        return ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
+        return image_only(Qwen2VLProcessor)(image_processor=images, tokenizer=tokenizer, chat_template=template)
     if family == "llava":
         tokenizer = char_tokenizer({"<image>": tm.IMAGE_TOKEN})
         size = tm.LLAVA_IMAGE_SIZE

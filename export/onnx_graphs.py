@@ -1,0 +1,299 @@
+"""The SASA-patched model as three ONNX graphs (the artifact around them: `export/onnx_export.py`).
+
+    vision_encoder.onnx       one image's pixel values -> its image features, as the decoder consumes
+                              them (one image per call; the image size is fixed, see below)
+    embed_tokens.onnx         input_ids + the features of every image in the batch -> inputs_embeds;
+                              the image features replace the image placeholder tokens, in row-major
+                              order (what the model's `masked_scatter` does)
+    decoder_model_merged.onnx inputs_embeds, attention_mask, position_ids and both KV caches ->
+                              logits, unsafe_prob, present.* (one graph for prefill and decode)
+    sasa_onnx.json            names, cache layout, threshold, refusal, chat template, preprocessing
+    parity.json               ONNX Runtime vs PyTorch figures, measured at export time
+
+Exporter choices, measured here (torch 2.13, onnxruntime 1.32):
+- decoder: `torch.export.export(strict=False)` with every varying axis `Dim.DYNAMIC` (batch, chunk,
+  past), then the dynamo ONNX translation; traced with a past and a chunk of >= 2 tokens so neither
+  is specialised (a 1-token prefill and 1-token decode steps are tested). The prompt-only probe pass
+  is a `torch.cond` on "past length == 0", i.e. an ONNX `If`: decode steps skip it. The TorchScript
+  exporter cannot express that branch; named `Dim`s fail the non-strict export (see export_decoder).
+- vision encoder: the TorchScript exporter (`dynamo=False`) with the image grid fixed at trace time.
+  Dynamo fails on the Qwen2-VL and Qwen2.5-VL towers even for a fixed grid (`grid_thw.tolist()`
+  becomes an unbacked symbol: "Could not guard on data-dependent expression Eq(u0, 0)"); the
+  TorchScript trace exports in < 1 s with features equal to PyTorch within 1e-7 (tiny) / 5e-7
+  (embedded). One image per call, one image size per artifact (`sasa_onnx.json` `image.sizes`).
+- embed_tokens: the TorchScript exporter (dynamic batch, length and number of image tokens).
+
+The decoder wrapper builds a `SasaCache` from the flat cache tensors and calls the patched model's
+own methods (`sasa_positions`, `_masks`, `sasa_serving_streams`, `sasa_probe_features`,
+`sasa_probe`): the two-pass logic exists once, in `patcher/modeling_sasa.py`.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from sasa_patcher.architectures import ImageLayout, spec_for
+from sasa_patcher.export.onnx_names import UNSAFE_PROB_NOT_COMPUTED
+from sasa_patcher.modeling_sasa import SasaCache, last_token_index
+
+OPSET = 18
+# Initialisers above this many bytes go to `<graph>.onnx.data` next to the graph.
+EXTERNAL_DATA_THRESHOLD = 1024
+
+
+# ----- the three graphs as modules --------------------------------------------------------------
+class VisionEncoderGraph(nn.Module):
+    """One image's pixel values (the processor's layout) -> [tokens_per_image, hidden]."""
+
+    def __init__(self, model, layout: ImageLayout):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.sasa_image_features(spec_for(self.model).vision_inputs(pixel_values, self.layout))
+
+
+class EmbedTokensGraph(nn.Module):
+    """input_ids [B, T] + image_features [N, H] -> inputs_embeds [B, T, H].
+
+    The k-th image placeholder token of the batch (row-major) takes the k-th feature row, as
+    `masked_scatter` does in the model. Placeholders beyond the N rows keep their token embedding, as
+    in the model when no image is passed: decode steps pass N = 0.
+    """
+
+    def __init__(self, embed_tokens: nn.Module, image_token_id: int):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.image_token_id = image_token_id
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_tokens(input_ids)
+        count = image_features.shape[0]
+        is_image = (input_ids == self.image_token_id).reshape(-1)
+        index = torch.cumsum(is_image.long(), 0) - 1
+        take = is_image & (index < count)
+        index = torch.where(take, index, torch.full_like(index, count))
+        padded = torch.cat([image_features.to(embeds.dtype), embeds.new_zeros(1, embeds.shape[-1])], dim=0)
+        gathered = padded.index_select(0, index).reshape(embeds.shape)
+        return torch.where(take.reshape(input_ids.shape).unsqueeze(-1), gathered, embeds)
+
+
+def cache_layers(model) -> dict[str, list[int]]:
+    """Which decoder layers each KV stream holds: gate keeps only the original stream."""
+    settings = model.sasa
+    num_layers = model.config.get_text_config().num_hidden_layers
+    if settings.mode == "augment":
+        return {
+            "original": list(range(settings.semantic_layer + 1)),
+            "projected": list(range(settings.safety_layer + 1, num_layers)),
+        }
+    return {"original": list(range(num_layers)), "projected": []}
+
+
+def cache_names(model, prefix: str) -> list[str]:
+    """Flat cache tensor names in graph order: `{prefix}.{stream}.{layer}.{key|value}`."""
+    return [
+        f"{prefix}.{stream}.{layer}.{kind}"
+        for stream, layers in cache_layers(model).items()
+        for layer in layers
+        for kind in ("key", "value")
+    ]
+
+
+class DecoderGraph(nn.Module):
+    """Flat tensors in, flat tensors out, the patched model's own code in between.
+
+    Inputs: inputs_embeds [B, T, H], attention_mask [B, P+T] (1 = token, left padding),
+    position_ids (`ArchitectureSpec.position_rows`: [B, T] or [rows, B, T]), then the past
+    keys/values of `cache_names(model, "past")` as [B, kv_heads, P, head_dim].
+    Outputs: logits [B, T, V], unsafe_prob [B], then `present.*` as [B, kv_heads, P+T, head_dim].
+    `unsafe_prob` is the probe on the chunk's last non-pad token when P == 0 (the prompt), else -1.
+
+    `probe=False` (gate mode only) leaves the probe out: `unsafe_prob` is always -1 and the graph serves
+    the original stream alone, i.e. it computes exactly the unpatched model's decoder. It is the
+    baseline `scripts/bench.py` times the patched graphs against, through the same exporter.
+    """
+
+    def __init__(self, model, probe: bool = True):
+        super().__init__()
+        if not probe and model.sasa.mode != "gate":
+            raise ValueError("probe=False exports the unpatched decoder, which needs gate mode "
+                             f"(mode {model.sasa.mode!r} serves the projected stream)")
+        self.model = model
+        self.probe = probe
+        self.layers = cache_layers(model)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor]):
+        model = self.model
+        text_model = model.sasa_text_model()
+        cache = SasaCache(model.config)
+        flat = iter(past)
+        for stream, layers in self.layers.items():
+            target = cache if stream == "original" else cache.projected
+            for layer in layers:
+                target.layers[layer].update(next(flat), next(flat))
+        batch, seq_len = inputs_embeds.shape[:2]
+        past_length = past[0].shape[2]
+        text_pos, rope_pos = model.sasa_positions(position_ids, None, attention_mask, past_length, inputs_embeds,
+                                                  cache, {})
+        masks = model._masks(text_model, inputs_embeds, attention_mask, cache, text_pos)
+        rotary = text_model.rotary_emb(inputs_embeds, rope_pos)
+        original, projected, per_layer = model.sasa_serving_streams(
+            text_model, inputs_embeds, masks, rotary, text_pos, cache
+        )
+        serving = projected if model.sasa.mode == "augment" else original
+        logits = model.lm_head(text_model.norm(serving))
+
+        s, f = model.sasa.safety_layer, model.sasa.semantic_layer
+        rows = torch.arange(batch, device=inputs_embeds.device)
+        last = last_token_index(attention_mask, seq_len, batch, inputs_embeds.device)
+
+        def prompt_probe(h_s, h_f):
+            # Traced for every shape: the uncached passes see only the chunk's own keys.
+            own = {name: (mask[..., -seq_len:] if mask is not None else None) for name, mask in masks.items()}
+            # every layer output is passed (the multi-layer probe reads several; the others read s and f)
+            features = model.sasa_probe_features(text_model, {**per_layer, s: h_s, f: h_f}, original, projected, own,
+                                                 rotary, text_pos, rows, last)
+            return model.sasa_probe(features[model.sasa.probe_features])
+
+        def not_computed(h_s, h_f):
+            return torch.full((h_s.shape[0],), UNSAFE_PROB_NOT_COMPUTED, dtype=torch.float32, device=h_s.device)
+
+        if self.probe:
+            unsafe_prob = torch.cond(past_length == 0, prompt_probe, not_computed, (per_layer[s], per_layer[f]))
+        else:
+            unsafe_prob = not_computed(per_layer[s], per_layer[f])
+        presents = []
+        for stream, layers in self.layers.items():
+            source = cache if stream == "original" else cache.projected
+            for layer in layers:
+                presents += [source.layers[layer].keys, source.layers[layer].values]
+        return (logits, unsafe_prob, *presents)
+
+
+# ----- export -----------------------------------------------------------------------------------
+def _save(proto: onnx.ModelProto, path: Path, threshold: int) -> None:
+    """One graph file plus `<file>.data` holding every initialiser above `threshold` bytes."""
+    data = path.name + ".data"
+    for stale in (path, path.with_name(data)):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=threshold)
+
+
+def _export_torchscript(module, args, path: Path, input_names, output_names, dynamic_axes, threshold) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / path.name
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(staged), dynamo=False, opset_version=OPSET,
+                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+        _save(onnx.load(str(staged)), path, threshold)
+
+
+def decoder_example(model, batch: int = 2, past: int = 3, chunk: int = 4) -> tuple:
+    """Trace inputs: past and chunk >= 2 and distinct, so no dimension is specialised or unified."""
+    dims = text_dims(model)
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(batch, chunk, dims["hidden_size"], generator=generator)
+    mask = torch.ones(batch, past + chunk, dtype=torch.long)
+    positions = torch.arange(past, past + chunk).expand(batch, chunk)
+    positions = spec_for(model).trace_positions(positions)
+    cache = [torch.randn(batch, dims["num_key_value_heads"], past, dims["head_dim"], generator=generator)
+             for _ in cache_names(model, "past")]
+    return embeds, mask, positions.contiguous(), cache
+
+
+def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, probe: bool = True) -> None:
+    """torch.export (non-strict, every varying axis `Dim.DYNAMIC`), then the dynamo ONNX translation.
+
+    `probe=False`: the unpatched model's decoder with the same interface (see `DecoderGraph`).
+
+    Named `Dim`s (or axis-name strings given to torch.onnx.export) fail the non-strict export: the
+    guard "mask length >= chunk length" is not expressible, so the axes get their names afterwards.
+    """
+    dynamic = torch.export.Dim.DYNAMIC
+    example = decoder_example(model)
+    past_names = cache_names(model, "past")
+    dynamic_shapes = {
+        "inputs_embeds": {0: dynamic, 1: dynamic},
+        "attention_mask": {0: dynamic, 1: dynamic},
+        "position_ids": spec_for(model).position_axes(dynamic),
+        "past": [{0: dynamic, 2: dynamic} for _ in past_names],
+    }
+    wrapper = DecoderGraph(model, probe=probe).eval()
+    with torch.no_grad():
+        program = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes, strict=False)
+        onnx_program = torch.onnx.export(
+            program, example, dynamo=True, optimize=True, verify=False,
+            input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
+            output_names=["logits", "unsafe_prob", *cache_names(model, "present")],
+        )
+    proto = onnx_program.model_proto
+    _strip_metadata(proto.graph)
+    _name_axes(proto, {("inputs_embeds", 0): "batch", ("inputs_embeds", 1): "sequence_length",
+                       ("attention_mask", 1): "total_sequence_length", (past_names[0], 2): "past_sequence_length"})
+    _save(proto, path, threshold)
+
+
+def _subgraphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _subgraphs(attribute.g)
+
+
+def _strip_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node stack traces and FX names: most of a small graph's bytes."""
+    for sub in _subgraphs(graph):
+        for node in sub.node:
+            del node.metadata_props[:]
+
+
+def _name_axes(proto: onnx.ModelProto, names: dict[tuple[str, int], str]) -> None:
+    """Give the exporter's symbolic axes (s10, s22 + s69, ...) readable names everywhere they appear."""
+    inputs = {value.name: value for value in proto.graph.input}
+    symbols = {}
+    for (name, axis), readable in names.items():
+        symbol = inputs[name].type.tensor_type.shape.dim[axis].dim_param
+        if symbol:
+            symbols[symbol] = readable
+    if not symbols:
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(symbol) for symbol in symbols) + r")\b")
+    for graph in _subgraphs(proto.graph):
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param:
+                    dim.dim_param = pattern.sub(lambda match: symbols[match.group(1)], dim.dim_param)
+
+
+def export_vision(model, layout: ImageLayout, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+    example = torch.randn(*layout.pixel_shape, generator=torch.Generator().manual_seed(0))
+    _export_torchscript(VisionEncoderGraph(model, layout).eval(), (example,), path, ["pixel_values"],
+                        ["image_features"], None, threshold)
+
+
+def export_embed(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+    hidden = text_dims(model)["hidden_size"]
+    ids = torch.tensor([[5, model.config.image_token_id, model.config.image_token_id, 6]])
+    features = torch.randn(2, hidden)
+    wrapper = EmbedTokensGraph(model.get_input_embeddings(), model.config.image_token_id).eval()
+    axes = {"input_ids": {0: "batch", 1: "sequence_length"}, "image_features": {0: "num_image_tokens"},
+            "inputs_embeds": {0: "batch", 1: "sequence_length"}}
+    _export_torchscript(wrapper, (ids, features), path, ["input_ids", "image_features"], ["inputs_embeds"], axes,
+                        threshold)
+
+
+def text_dims(model) -> dict[str, int]:
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return {"hidden_size": text.hidden_size, "num_key_value_heads": text.num_key_value_heads, "head_dim": head_dim,
+            "num_hidden_layers": text.num_hidden_layers, "vocab_size": model.get_output_embeddings().weight.shape[0]}
