@@ -204,13 +204,18 @@ def load_and_patch(options: PatchOptions, directory: Path, num_layers: int, cloc
     return result
 
 
-def run_patch(options: PatchOptions, log: Log = lambda message: None) -> PatchResult:
-    """Load -> patch -> calibrate -> export into `options.out` (staged, moved into place atomically)."""
+def run_patch(options: PatchOptions, log: Log = lambda message: None,
+              resolved: tuple[Path, int] | None = None) -> PatchResult:
+    """Load -> patch -> calibrate -> export into `options.out` (staged, moved into place atomically).
+
+    `resolved` is `resolve(options)` when the caller needed the model directory first (the bench
+    reads the weight size from it), so the model is still resolved only once.
+    """
     from sasa_patcher.export.atomic import atomic_output_dir
 
     started = time.perf_counter()
     options.validate()
-    directory, num_layers = resolve(options)
+    directory, num_layers = resolved or resolve(options)
     initial_settings(options, num_layers)  # bad --layers fails before calibration data is read
     prompts = calibration_prompts(options)
     if prompts is None and options.layers == "auto":
@@ -245,8 +250,10 @@ def calibrate_stage(options: PatchOptions, result: PatchResult, prompts: list | 
                        target_fpr=options.target_fpr, batch_size=options.batch_size, plot_dir=staging)
     clock.done("calibrate")
     result.calibration = report
-    result.seconds.update(localisation=report.timings.get("localisation_s", 0.0), features=report.timings["features_s"],
-                          fit=report.timings["fit_s"] + report.timings["loso_s"])
+    timings = report.timings  # forward passes (localisation, features), then fitting in named parts
+    fitting = sum(value for key, value in timings.items()
+                  if key.endswith("_s") and key not in ("localisation_s", "features_s", "total_s"))
+    result.seconds.update(localisation=timings.get("localisation_s", 0.0), features=timings["features_s"], fit=fitting)
     if options.layers == "auto":
         result.layers_chosen_by = "calibration"
     for line in calibration_lines(report):
@@ -303,15 +310,17 @@ def calibration_lines(report) -> list[str]:
     """The calibration figures a user reads on the console: layers, probe choice, held-out and per-source AUROC."""
     held, metrics = report.heldout, report.metrics
     s, f = report.layers
-    return [
-        f"layers: s={s}, f={f} ({metrics['layers_chosen_by']})",
-        "probe features (cross-validated AUROC on the calibration split): "
-        + ", ".join(f"{name} {value:.3f}" for name, value in metrics["candidates_cv_auroc"].items())
-        + f" -> {report.feature}",
-        f"held-out ({held['n_harmful']} harmful, {held['n_benign']} benign): AUROC {held['auroc']:.3f}, "
-        f"TPR {held['tpr']:.3f}, FPR {held['fpr']:.3f} at threshold {report.threshold:.4f} "
-        f"(target FPR {report.target_fpr:.2f} on calibration data)",
-        f"leave-one-source-out AUROC: mean {metrics['loso_mean_auroc']:.3f}, min {metrics['loso_min_auroc']:.3f}; "
-        "per source: " + ", ".join(f"{name} {value:.3f}" for name, value in metrics["loso_auroc"].items()
-                                   if value is not None),
-    ]
+    lines = [f"layers: s={s}, f={f} ({metrics.get('layers_chosen_by', 'given')})"]
+    if metrics.get("candidates_cv_auroc"):
+        lines.append("probe features (cross-validated AUROC on the calibration split): "
+                     + ", ".join(f"{name} {value:.3f}" for name, value in metrics["candidates_cv_auroc"].items())
+                     + f" -> {report.feature}")
+    lines.append(f"held-out ({held['n_harmful']} harmful, {held['n_benign']} benign): AUROC {held['auroc']:.3f}, "
+                 f"TPR {held['tpr']:.3f}, FPR {held['fpr']:.3f} at threshold {report.threshold:.4f} "
+                 f"(target FPR {report.target_fpr:.2f} on calibration data)")
+    if metrics.get("loso_auroc"):
+        lines.append(f"leave-one-source-out AUROC: mean {metrics['loso_mean_auroc']:.3f}, "
+                     f"min {metrics['loso_min_auroc']:.3f}; per source: "
+                     + ", ".join(f"{name} {value:.3f}" for name, value in metrics["loso_auroc"].items()
+                                 if value is not None))
+    return lines

@@ -1,4 +1,4 @@
-"""scripts/bench.py, evaluation/latency.py on tiny models: floors, the unpatched ONNX baseline, the report, bad input.
+"""The bench (cli.bench, evaluation.bench, evaluation.latency) on tiny models: floors, ONNX baseline, report, input.
 
 Nothing here asserts a speed (shared machines are noisy): only structure and correctness. The ONNX
 tests export tiny decoder graphs, tens of seconds each (the dynamo export's decomposition pass), so the
@@ -17,9 +17,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from script_loader import load_script
 from transformers import DynamicCache
 
+from sasa_patcher.cli import bench as bench_cli
+from sasa_patcher.evaluation.bench_report import latency_lines
 from sasa_patcher.evaluation.latency import (
     MEASURES,
     OrtDecoder,
@@ -45,7 +46,7 @@ ENTRY_NUMBERS = ("ratio", "floor", "baseline_ms", "patched_ms")
 
 @pytest.fixture(scope="module")
 def cli():
-    return load_script("bench")
+    return bench_cli
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_runtime_reports(cli, patched, baseline_graph, tmp_path):
     assert runtime["providers"] == ["CPUExecutionProvider"] and runtime["reused_graphs"] == ["baseline"]
     assert sorted(runtime["export_seconds"]) == ["augment", "gate"]
     assert sorted(path.name for path in tmp_path.glob("*.onnx")) == ["decoder_augment.onnx", "decoder_gate.onnx"]
-    table = cli.latency_lines({"runtimes": {"pytorch": pytorch, "onnxruntime": ort_report}})
+    table = latency_lines({"runtimes": {"pytorch": pytorch, "onnxruntime": ort_report}})
     assert "pytorch base ms" in table[0] and "ort CPU base ms" in table[0]
     assert len(table) == 1 + len(MEASURES)
 
