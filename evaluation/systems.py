@@ -72,7 +72,7 @@ class Category:
 
 
 @dataclass(frozen=True)
-class Generation:
+class Answer:
     """One greedy answer and the probe's verdict on its prompt (None for an unpatched model)."""
 
     text: str
@@ -143,7 +143,7 @@ class TorchSystem:
         return model_device_dtype(self.model)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Answer]:
         """Greedy answers; the patched model's verdict comes back in its two-stream cache."""
         device, dtype = self._serve()
         batch = to_model(encode_prompts(self.processor, prompts), device, dtype)
@@ -153,7 +153,7 @@ class TorchSystem:
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         verdict = getattr(getattr(out, CACHE_KEY), "unsafe_prob", None)
         scores = [None] * len(texts) if verdict is None else verdict.float().cpu().tolist()
-        return [Generation(text, score) for text, score in zip(texts, scores, strict=True)]
+        return [Answer(text, score) for text, score in zip(texts, scores, strict=True)]
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -189,7 +189,7 @@ class OnnxSystem:
     def __init__(self, name: str, vlm):
         self.name, self.vlm = name, vlm
 
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Answer]:
         """Greedy answers from the runtime's own prompt encoding and image preprocessing (as users run it).
 
         In gate mode a flagged row's tokens are the refusal tokens, so decoding them gives the refusal text.
@@ -200,7 +200,7 @@ class OnnxSystem:
         result = self.vlm.generate(ids, mask, images, max_new_tokens)
         eos = set(self.vlm.config["eos_token_id"])
         return [
-            Generation(self.vlm.tokenizer.decode(until_eos(row, eos), skip_special_tokens=True), float(score))
+            Answer(self.vlm.tokenizer.decode(until_eos(row, eos), skip_special_tokens=True), float(score))
             for row, score in zip(result.tokens.tolist(), result.unsafe_prob.tolist(), strict=True)
         ]
 
@@ -218,9 +218,9 @@ class OnnxSystem:
 def generate_all(
     system, prompts: Sequence[Prompt], *, batch_size: int, max_new_tokens: int, progress: bool = True,
     description: str = "generate",
-) -> list[Generation]:
+) -> list[Answer]:
     """Every prompt's answer, in input order, batched by length (less padding, image prompts together)."""
-    answers: list[Generation | None] = [None] * len(prompts)
+    answers: list[Answer | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=description, unit="prompt", disable=not progress, leave=False) as bar:
         for rows in batched(length_order(prompts), batch_size):
             for row, answer in zip(rows, system.generate([prompts[i] for i in rows], max_new_tokens), strict=True):
@@ -258,10 +258,10 @@ def generation_records(
 # ----- metrics -------------------------------------------------------------------------------------------
 def attack_success_rate(refused: Sequence[bool]) -> float:
     """Share of answers to harmful prompts that are not refusals."""
-    return 1.0 - refusal_rate(refused)
+    return 1.0 - share_refused(refused)
 
 
-def refusal_rate(refused: Sequence[bool]) -> float:
+def share_refused(refused: Sequence[bool]) -> float:
     """Share of answers judged refusals."""
     if len(refused) == 0:
         raise ValueError("no answers to rate")
@@ -288,7 +288,8 @@ def generation_metrics(records: Sequence[dict], categories: Sequence[Category], 
         for system in systems:
             rows = _by(records, category=category.name, model=system)
             refused = [row["refused"] for row in rows]
-            table[category.name][system] = (attack_success_rate if category.label == HARMFUL else refusal_rate)(refused)
+            rate = attack_success_rate if category.label == HARMFUL else share_refused
+            table[category.name][system] = rate(refused)
             scores = [row["unsafe_prob"] for row in rows]
             if None not in scores:
                 flagged.setdefault(category.name, {})[system] = flagged_rate(scores, threshold)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from script_loader import load_script
 
 import tiny_models as tm
+from sasa_patcher.cli import evaluate as evaluate_cli
 from sasa_patcher.evaluation.systems import (
     Category,
     TorchSystem,
@@ -26,7 +26,7 @@ from sasa_patcher.evaluation.systems import (
     left_pad,
     over_refusal_prompts,
     perplexity,
-    refusal_rate,
+    share_refused,
     take,
     token_kl,
     token_nll,
@@ -116,11 +116,11 @@ def test_categories_pair_text_and_typographic_requests(tmp_path):
 def test_rates_match_hand_counts():
     assert attack_success_rate([True, False, False, True]) == 0.5
     assert attack_success_rate([True, True, True]) == 0.0
-    assert refusal_rate([False, False, True]) == pytest.approx(1 / 3)
+    assert share_refused([False, False, True]) == pytest.approx(1 / 3)
     assert flagged_rate([0.2, 0.6, 0.9, 0.5], 0.5) == 0.5  # strictly above, as the graph decides
     assert flagged_rate([0.99, 1.0], None) == 0.0  # an untrained probe flags nothing
     with pytest.raises(ValueError):
-        refusal_rate([])
+        share_refused([])
 
 
 def test_token_kl_matches_numpy_and_is_zero_for_identical_logits():
@@ -243,7 +243,7 @@ def test_batched_generation_equals_one_by_one(mode, tmp_path):
 # ----- the CLI end to end ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cli():
-    return load_script("evaluate")
+    return evaluate_cli
 
 
 @pytest.fixture(scope="module")

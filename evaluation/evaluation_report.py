@@ -1,0 +1,99 @@
+"""The evaluation report: the metrics table (rows = figures, columns = systems), its markdown and chart, the files.
+
+Why apart from the run: the same rows feed the markdown table and the chart, and the files are
+written together (atomically) so a report is never half there. Tables come from the one table
+helper, per-prompt records through the one JSONL writer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from sasa_patcher.export.atomic import atomic_output_dir
+from sasa_patcher.jsonl import write_jsonl
+from sasa_patcher.tables import format_metric, markdown_table
+
+
+def table_rows(report: dict) -> list[tuple[str, str, dict]]:
+    """(key, label, {system: value}) for every figure of the table, in reading order."""
+    metrics = report["metrics"]
+    rows = [(f"asr/{name}", f"attack success rate, {name}", values) for name, values in metrics["asr"].items()]
+    rows += [(f"refusal/{name}", f"refusal rate, {name}", values) for name, values in metrics["refusal_rate"].items()]
+    rows += [(f"flagged/{name}", f"probe flagged rate, {name}", values)
+             for name, values in metrics["flagged_rate"].items()]
+    for modality, per_system in metrics["probe"].items():
+        for figure in ("auroc", "tpr", "fpr"):
+            rows.append((f"probe/{modality}/{figure}", f"probe {figure.upper()}, {modality} (harmful vs benign)",
+                         {system: point[figure] for system, point in per_system.items()}))
+    rows.append(("consistency/same_answer_as_base", "same answer as the base, prompts not flagged",
+                 metrics["same_answer_as_base"]))
+    utility = metrics["utility"]
+    for key, label in (("kl_to_base", "KL(base || model) per token, nats"), ("kl_to_base_max", "max per-token KL"),
+                       ("perplexity", "perplexity")):
+        rows.append((f"utility/{key}", f"{label} (benign prompt text)",
+                     {system: values[key] for system, values in utility.items()}))
+    return rows
+
+
+def markdown(report: dict) -> str:
+    """The table (rows = metrics, columns = systems) with what it was measured on."""
+    systems = report["systems"]
+    sasa = report["sasa"]
+    lines = [
+        f"### SASA evaluation: {report['base']} vs {report['artifact']} ({report['runtime']})",
+        "",
+        f"Layers s={sasa['safety_layer']}, f={sasa['semantic_layer']}; probe `{sasa['probe_features']}`, "
+        f"threshold {format_metric(sasa['threshold'])}; greedy, at most {report['options']['max_new_tokens']} new "
+        "tokens; "
+        f"data: {report['data']['data']}. Wall time {report['seconds']['total_s']:.0f} s.",
+        "",
+    ]
+    rows = [["metric", *systems]] + [[label, *(format_metric(values.get(system)) for system in systems)]
+                                     for _, label, values in table_rows(report)]
+    lines += markdown_table(rows, align=["---", *("---:" for _ in systems)])
+    lines += ["", "Prompts per category: " + ", ".join(f"{name} {count}" for name, count in report["counts"].items())
+              + ". Refusals judged by the GCG keyword list (`probes/refusal.py`) plus the configured refusal text;"
+              " KL and perplexity are teacher-forced on the user text of the benign prompts.", ""]
+    return "\n".join(lines)
+
+
+CHART_ROWS = ("asr/harmful_text", "asr/harmful_typographic", "asr/harmful_image", "refusal/benign_text",
+              "refusal/benign_typographic", "refusal/over_refusal", "probe/text/auroc", "probe/text/tpr",
+              "probe/text/fpr", "probe/typographic/auroc", "probe/typographic/tpr", "probe/typographic/fpr")
+
+
+def plot(report: dict, path: Path) -> None:
+    """Grouped bars: ASR, refusal rates and probe figures, one bar per system (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = {key: values for key, _, values in table_rows(report)}
+    groups = [key for key in CHART_ROWS if key in rows]
+    systems = report["systems"]
+    width = 0.8 / len(systems)
+    figure, axis = plt.subplots(figsize=(max(8.0, 1.1 * len(groups)), 4.8), constrained_layout=True)
+    for index, system in enumerate(systems):
+        heights = [rows[key].get(system) for key in groups]
+        positions = [g + (index - (len(systems) - 1) / 2) * width for g in range(len(groups))]
+        axis.bar(positions, [math.nan if h is None else h for h in heights], width, label=system)
+    axis.set_xticks(range(len(groups)), [key.replace("/", "\n", 1).replace("/", " ") for key in groups], fontsize=8)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("rate / AUROC")
+    axis.set_title(f"SASA evaluation ({report['runtime']}): {report['base']}")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(report: dict, records: list[dict], out: Path, force: bool) -> None:
+    """evaluation.json, evaluation.md, evaluation.png and generations.jsonl, moved into place together."""
+    with atomic_output_dir(out, force) as staging:
+        (staging / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (staging / "evaluation.md").write_text(markdown(report), encoding="utf-8")
+        plot(report, staging / "evaluation.png")
+        write_jsonl(staging / "generations.jsonl", records)
