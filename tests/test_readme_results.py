@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from script_loader import load_script
 
-readme_results = load_script("readme_results")
+from sasa_patcher.cli import readme_results
 
 README = "# title\n\nintro\n\n## Results\n<!-- results:start -->\nold numbers\n<!-- results:end -->\n\n## After\ntext\n"
 
