@@ -9,13 +9,12 @@ localisation plot). It never computes figures: `export/` does not reach back int
 
     auroc, tpr, fpr                      held-out figures at the threshold
     heldout_harmful, heldout_benign      held-out counts (n_heldout, target_fpr alongside)
-    calibration_digest                   sha256 of the calibration prompts (`data_digest` accepted)
+    calibration_digest                   sha256 of the calibration prompts
     n_calibration, cv_auroc, C, features, layers, layers_chosen_by, calibration_oof_tpr/fpr,
     loso_mean_auroc, loso_min_auroc      calibration figures
     candidates_cv_auroc, loso_auroc      {name: AUROC} tables
 
-A nested `held_out` dict with `auroc` / `tpr` / `fpr` is accepted too. Any other scalar entry is
-listed verbatim, any other {name: value} entry as its own table. With no held-out AUROC and no
+Any other scalar entry is listed verbatim, any other {name: value} entry as its own table. With no held-out AUROC and no
 finite threshold the card says "untrained probe".
 """
 
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from sasa_patcher.tables import escape_cell, markdown_table
 
 PAPER_URL = "https://arxiv.org/abs/2507.21637"
 PLOT_NAME = "localisation.png"
@@ -45,35 +46,36 @@ PROJECTION_TEXT = {
     "residual": "residual: `H_s' = H_s + beta * alpha * W(H_f)`",
     "interpolate": "interpolate: `H_s' = (1 - beta) * H_s + beta * alpha * W(H_f)`",
 }
-# (label, keys tried in order) for the held-out table; the threshold comes from the settings.
+# (label, metrics key) for the held-out table, keys as `probes.calibrate` writes them; the threshold
+# comes from the settings.
 HELD_OUT_ROWS = [
-    ("AUROC", ("auroc", "held_out_auroc")),
-    ("TPR (harmful prompts flagged)", ("tpr", "held_out_tpr")),
-    ("FPR (benign prompts flagged)", ("fpr", "held_out_fpr")),
-    ("target FPR used to set the threshold", ("target_fpr",)),
-    ("held-out harmful prompts", ("heldout_harmful", "n_unsafe")),
-    ("held-out benign prompts", ("heldout_benign", "n_safe")),
-    ("held-out prompts", ("n_heldout",)),
+    ("AUROC", "auroc"),
+    ("TPR (harmful prompts flagged)", "tpr"),
+    ("FPR (benign prompts flagged)", "fpr"),
+    ("target FPR used to set the threshold", "target_fpr"),
+    ("held-out harmful prompts", "heldout_harmful"),
+    ("held-out benign prompts", "heldout_benign"),
+    ("held-out prompts", "n_heldout"),
 ]
 CALIBRATION_ROWS = [
-    ("calibration prompts", ("n_calibration",)),
-    ("probe features", ("features",)),
-    ("layers (s, f)", ("layers",)),
-    ("layers chosen by", ("layers_chosen_by",)),
-    ("localisation branch", ("localisation_branch",)),
-    ("cross-validated AUROC", ("cv_auroc",)),
-    ("regularisation C", ("C",)),
-    ("out-of-fold TPR at the threshold", ("calibration_oof_tpr",)),
-    ("out-of-fold FPR at the threshold", ("calibration_oof_fpr",)),
-    ("leave-one-source-out AUROC, mean", ("loso_mean_auroc",)),
-    ("leave-one-source-out AUROC, min", ("loso_min_auroc",)),
+    ("calibration prompts", "n_calibration"),
+    ("probe features", "features"),
+    ("layers (s, f)", "layers"),
+    ("layers chosen by", "layers_chosen_by"),
+    ("localisation branch", "localisation_branch"),
+    ("cross-validated AUROC", "cv_auroc"),
+    ("regularisation C", "C"),
+    ("out-of-fold TPR at the threshold", "calibration_oof_tpr"),
+    ("out-of-fold FPR at the threshold", "calibration_oof_fpr"),
+    ("leave-one-source-out AUROC, mean", "loso_mean_auroc"),
+    ("leave-one-source-out AUROC, min", "loso_min_auroc"),
 ]
 TABLES = {
     "candidates_cv_auroc": ("Probe-feature candidates (cross-validated AUROC on the calibration split)", "features"),
     "candidates": ("Probe-feature candidates (cross-validated AUROC on the calibration split)", "features"),
     "loso_auroc": ("Leave-one-source-out AUROC (probe fitted without that source, scored on it)", "held-out source"),
 }
-DIGEST_KEYS = ("calibration_digest", "data_digest", "digest")
+DIGEST_KEY = "calibration_digest"
 
 
 @dataclass
@@ -109,17 +111,6 @@ def base_card_license(base_dir: Path) -> str | None:
     return str(value) if value else None
 
 
-def _lookup(metrics: dict[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]:
-    held_out = metrics.get("held_out")
-    for key in keys:
-        if metrics.get(key) is not None:
-            return key, metrics[key]
-        short = key.removeprefix("held_out_")
-        if isinstance(held_out, dict) and held_out.get(short) is not None:
-            return None, held_out[short]
-    return None, None
-
-
 def _number(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, float):
         return str(value)
@@ -138,7 +129,7 @@ def _finite_threshold(sasa: dict[str, Any]) -> float | None:
 def is_trained(sasa: dict[str, Any]) -> bool:
     """A probe counts as trained when it has a finite threshold or a held-out AUROC."""
     metrics = sasa.get("metrics") or {}
-    return _finite_threshold(sasa) is not None or _lookup(metrics, ("auroc", "held_out_auroc"))[1] is not None
+    return _finite_threshold(sasa) is not None or metrics.get("auroc") is not None
 
 
 def front_matter(info: CardInfo, license_: str | None) -> ModelCardData:
@@ -191,7 +182,7 @@ def render_model_card(
         f"| serving mode | {SERVING_TEXT.get(sasa.get('mode'), sasa.get('mode'))} |",
         f"| probe features | `{sasa.get('probe_features')}` at the last prompt position |",
         f"| threshold | {_threshold_text(sasa)} |",
-        f"| refusal text | {_cell(repr(sasa.get('refusal_text', '')))} |",
+        f"| refusal text | {escape_cell(repr(sasa.get('refusal_text', '')))} |",
         "",
         "## Calibration",
         "",
@@ -210,10 +201,6 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _projection(sasa: dict[str, Any]) -> str:
@@ -246,14 +233,12 @@ def _weights_line(weights: dict[str, Any]) -> str:
 
 
 def _table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> list[str]:
-    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
-    lines += [f"| {_cell(str(label))} | {_cell(_number(value))} |" for label, value in rows]
-    return lines + [""]
+    return [*markdown_table([list(header), *([str(label), _number(value)] for label, value in rows)]), ""]
 
 
 def _calibration_section(sasa: dict[str, Any], info: CardInfo) -> list[str]:
     metrics = dict(sasa.get("metrics") or {})
-    used: set[str] = {"held_out"}
+    used: set[str] = set()
     lines: list[str] = []
     if not is_trained(sasa):
         lines += [
@@ -264,17 +249,15 @@ def _calibration_section(sasa: dict[str, Any], info: CardInfo) -> list[str]:
         ]
     if info.calibration_data:
         lines += ["Calibration data:", ""] + [f"- {item}" for item in info.calibration_data] + [""]
-    for key in DIGEST_KEYS:
-        if metrics.get(key):
-            lines += [f"Calibration data digest (sha256): `{metrics[key]}`", ""]
-            used.update(DIGEST_KEYS)
-            break
+    if metrics.get(DIGEST_KEY):
+        lines += [f"Calibration data digest (sha256): `{metrics[DIGEST_KEY]}`", ""]
+    used.add(DIGEST_KEY)
 
     def rows_for(spec):
         rows = []
-        for label, keys in spec:
-            key, value = _lookup(metrics, keys)
-            used.update(keys)
+        for label, key in spec:
+            value = metrics.get(key)
+            used.add(key)
             if value is not None:
                 rows.append((label, value))
         return rows

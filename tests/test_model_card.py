@@ -68,8 +68,8 @@ def test_trained_probe_figures_and_digest():
     assert "| threshold | 0.4321 on `unsafe_prob` |" in text
 
 
-def test_held_out_figures_from_nested_dict_and_infinite_threshold():
-    settings = SasaSettings(3, 5, metrics={"held_out": {"auroc": 0.8, "tpr": 0.7, "fpr": 0.1}})
+def test_held_out_figures_without_threshold_and_infinite_threshold():
+    settings = SasaSettings(3, 5, metrics={"auroc": 0.8, "tpr": 0.7, "fpr": 0.1})
     text = render_model_card(config_for(settings), CardInfo(base_model="x"))
     assert "| AUROC | 0.8 |" in text and "| TPR (harmful prompts flagged) | 0.7 |" in text
     assert "untrained" not in text  # figures present: trained, even with the default threshold
@@ -120,3 +120,10 @@ def test_usage_for_transformers_and_onnx_runtime():
     assert "AutoProcessor.from_pretrained(ARTIFACT)" in text
     assert 'scripts/generate_onnx.py ARTIFACT/onnx --prompt "' in text
     assert "**augment**" in text and "beta = 0.5" in text
+
+
+def test_only_keys_calibration_writes_are_read():
+    """Keys nothing writes (old spellings) are not special: listed verbatim, never as held-out figures."""
+    settings = SasaSettings(3, 5, metrics={"held_out_auroc": 0.8, "n_unsafe": 4})
+    text = render_model_card(config_for(settings), CardInfo(base_model="x"))
+    assert "| AUROC |" not in text and "| held_out_auroc | 0.8 |" in text and "| n_unsafe | 4 |" in text
