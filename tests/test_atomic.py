@@ -71,3 +71,60 @@ def test_atomic_file_replaces_whole_or_leaves_the_old_file(tmp_path) -> None:
     assert target.read_text() == "new"
     assert target.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["chart.png"]
+
+
+def _leftover(tmp_path, name: str, age: float) -> os.PathLike:
+    import time
+
+    leftover = tmp_path / name
+    (leftover / "onnx").mkdir(parents=True)
+    (leftover / "onnx" / "weights.data").write_bytes(b"x" * 4096)
+    old = time.time() - age
+    for path in (leftover / "onnx" / "weights.data", leftover / "onnx", leftover):
+        os.utime(path, (old, old))
+    return leftover
+
+
+def test_stale_staging_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    stale = _leftover(tmp_path, ".artifact.partial-abc123", age=2 * 3600)
+    messages = []
+    with atomic_output_dir(tmp_path / "artifact", force=False, log=messages.append) as staging:
+        (staging / "a.txt").write_text("a")
+    assert not stale.exists()
+    assert "removed a stale staging directory" in messages[0] and "abc123" in messages[0]
+
+
+def test_recent_staging_is_reported_with_its_size_not_removed(tmp_path):
+    from sasa_patcher.export.atomic import remove_stale_staging
+
+    young = _leftover(tmp_path, ".artifact.partial-live", age=60)
+    other = _leftover(tmp_path, ".other.partial-old", age=2 * 3600)  # another output's: not ours to judge
+    messages = []
+    assert remove_stale_staging(tmp_path / "artifact", log=messages.append) == []
+    assert young.exists() and other.exists()
+    assert "GiB" in messages[0] and "left alone" in messages[0]
+
+
+def test_free_disk_is_checked_before_anything_is_written(tmp_path):
+    from sasa_patcher.export.atomic import check_free_disk
+
+    with pytest.raises(UserInputError, match="needs about"):
+        with atomic_output_dir(tmp_path / "artifact", force=False, needed_bytes=1 << 60):
+            pass
+    assert list(tmp_path.iterdir()) == []
+    assert check_free_disk(tmp_path / "not" / "yet", 1, "x") > 0
+
+
+def test_disk_needed_counts_the_onnx_weights_once(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from sasa_patcher.export.atomic import disk_needed
+
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"w": torch.zeros(1024, 1024)}, str(model / "model.safetensors"))
+    (model / "config.json").write_text("{}")
+    onnx = disk_needed(model, tmp_path / "out", ("onnx",))
+    assert onnx >= 4 * 1024**2 * 1.05
+    assert disk_needed(model, tmp_path / "out", ("safetensors",)) < onnx  # same file system: hard links

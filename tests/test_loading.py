@@ -94,3 +94,24 @@ def test_lora_adapter_is_merged_into_the_base(tmp_path):
     merged = merge_lora_adapter(base, tmp_path)
     assert type(merged).__name__ == "Qwen2VLForConditionalGeneration"
     assert (merged(**batch).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_shape_models_resolve_to_their_cached_build(tmp_path, monkeypatch):
+    from sasa_patcher import shapes
+
+    monkeypatch.setenv("SASA_PATCHER_CACHE", str(tmp_path))
+    built = tmp_path / "shapes" / "qwen-vl"
+    built.mkdir(parents=True)
+    (built / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    (built / shapes.STAMP_NAME).write_text(json.dumps({"recipe": shapes.RECIPE_VERSION}))
+    assert resolve_model("shape:qwen-vl") == built
+
+
+def test_unknown_shape_model_lists_the_known_ones():
+    with pytest.raises(UserInputError, match="shape:qwen2.5-vl"):
+        resolve_model("shape:nope")
+
+
+def test_unknown_alias_message_lists_shape_models():
+    with pytest.raises(UserInputError, match="shape:llava"):
+        resolve_model("no-such-alias")

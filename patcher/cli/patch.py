@@ -15,12 +15,14 @@ from sasa_patcher.errors import UserInputError
 from sasa_patcher.loading import ALIASES, DEFAULT_MODEL, DEVICES
 from sasa_patcher.modeling_sasa import DEFAULT_REFUSAL, PROBE_FEATURES, PROJECTION_MODES, SERVING_MODES
 from sasa_patcher.pipeline import FORMATS, PatchOptions, parse_formats, run_patch
+from sasa_patcher.shapes import SHAPE_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"alias ({', '.join(ALIASES)}), embedded model (smol-qwen-vl, smol-llava), "
+                             f"shape-true random-weight model ({', '.join(SHAPE_NAMES)}), "
                              f"local directory or Hub id (default: {DEFAULT_MODEL})")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--layers", default="auto",
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="cpu, cuda, or auto (accelerate device map for models larger than one GPU)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--allow-random-calibration", action="store_true",
+                        help="calibrate a shape-true model anyway (random weights: only its timings mean something)")
     return parser
 
 
@@ -59,6 +63,7 @@ def options_from_args(args: argparse.Namespace) -> PatchOptions:
         probe_features=args.probe_features, target_fpr=args.target_fpr, batch_size=args.batch_size,
         calibration_record=not args.no_calibration_record, formats=parse_formats(args.format),
         push_to_hub=args.push_to_hub, adapter=args.adapter, dtype=args.dtype, device=args.device, force=args.force,
+        allow_random_calibration=args.allow_random_calibration,
     )
 
 
