@@ -40,7 +40,16 @@ from transformers.utils import ModelOutput
 
 PROJECTION_MODES = ("replace", "residual", "interpolate")
 SERVING_MODES = ("gate", "augment")
-PROBE_FEATURES = ("projected-logits", "logits", "hidden")
+PROBE_FEATURES = ("projected-logits", "logits", "hidden", "multi-layer")
+# "multi-layer": the original stream's outputs of `probe_layers` at the last prompt position, concatenated;
+# by default four evenly spaced middle layers (8, 12, 16, 20 of 30), which transfer to unseen hazards better
+# than any single layer's state.
+MULTI_LAYER_FRACTIONS = (0.27, 0.4, 0.53, 0.67)
+
+
+def default_probe_layers(num_layers: int) -> list[int]:
+    """Four evenly spaced middle layers (fewer on a very shallow model), sorted and distinct."""
+    return sorted({min(num_layers - 1, max(0, round(num_layers * q))) for q in MULTI_LAYER_FRACTIONS})
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
 # transformers 5.24 renamed the KV cache's argument and output field `past_key_values` -> `cache`
 # (decoder layers, masks, model outputs, generation); artifacts load this file under either name.
@@ -65,6 +74,7 @@ class SasaSettings:
     refusal_text: str = DEFAULT_REFUSAL
     refusal_token_ids: list[int] = field(default_factory=list)
     probe_features: str = "projected-logits"
+    probe_layers: list[int] = field(default_factory=list)  # the layers of the "multi-layer" feature
     threshold: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +93,11 @@ class SasaSettings:
             raise ValueError(f"mode must be one of {SERVING_MODES}, got {self.mode!r}")
         if self.probe_features not in PROBE_FEATURES:
             raise ValueError(f"probe_features must be one of {PROBE_FEATURES}, got {self.probe_features!r}")
+        if self.probe_features == "multi-layer" and not self.probe_layers:
+            raise ValueError("the multi-layer probe needs probe_layers (e.g. default_probe_layers(num_layers))")
+        bad = [layer for layer in self.probe_layers if not 0 <= layer < num_layers]
+        if bad or len(set(self.probe_layers)) != len(self.probe_layers):
+            raise ValueError(f"probe_layers must be distinct layers in 0..{num_layers - 1}, got {self.probe_layers}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold is a probability in [0, 1], got {self.threshold}")
 
@@ -222,7 +237,9 @@ class SasaMixin:
         text_config = self.config.get_text_config()
         settings.validate(text_config.num_hidden_layers)
         reference = self.get_output_embeddings().weight
-        in_features = text_config.hidden_size if settings.probe_features == "hidden" else reference.shape[0]
+        in_features = {"hidden": text_config.hidden_size,
+                       "multi-layer": text_config.hidden_size * len(settings.probe_layers)}.get(
+            settings.probe_features, reference.shape[0])
         self.sasa_semantic_map = SemanticMap(text_config.hidden_size).to(reference.device, reference.dtype)
         self.sasa_probe = ProbeHead(in_features).to(reference.device)
         if settings.threshold is not None:
@@ -233,8 +250,10 @@ class SasaMixin:
     def set_sasa(self, settings: SasaSettings) -> None:
         """Replace the settings that do not change tensor shapes (layers, modes, threshold, text)."""
         settings.validate(self.config.get_text_config().num_hidden_layers)
-        if settings.probe_features != self.sasa.probe_features:
-            raise ValueError("changing probe_features changes the probe's shape: call init_sasa instead")
+        if settings.probe_features != self.sasa.probe_features or (
+            settings.probe_features == "multi-layer" and list(settings.probe_layers) != list(self.sasa.probe_layers)
+        ):
+            raise ValueError("changing probe_features (or probe_layers) changes the probe: call init_sasa instead")
         self.sasa = settings
         self.config.sasa = settings.to_dict()
         self.sasa_probe.threshold.fill_(math.inf if settings.threshold is None else settings.threshold)
@@ -415,31 +434,33 @@ class SasaMixin:
     ) -> dict:
         """The probe's input at (rows, last), completing whichever stream the serving pass left out, uncached.
 
-        gate: the projected stream is run here (prompt only, no cache). augment: the original stream's
-        layers f+1..L-1 are run here when the probe (or `all_candidates`) needs the unprojected logits.
-        Only `per_layer[s]` and `per_layer[f]` are read (plus every layer's output to extend `per_layer`).
+        gate: the projected stream is run here (prompt only, no cache) when the probe (or `all_candidates`)
+        reads it. augment: the original stream's layers f+1..L-1 are run here when the probe (or
+        `all_candidates`) needs the unprojected logits or a multi-layer state above f.
+        Only `per_layer[s]`, `per_layer[f]` and the probe layers are read (every layer's output extends
+        `per_layer`).
         """
         settings = self.sasa
         f, num_layers = settings.semantic_layer, text_model.config.num_hidden_layers
-        needs_original = all_candidates or settings.probe_features == "logits"
+        feature = settings.probe_features
+        layers = list(settings.probe_layers) or default_probe_layers(num_layers)
+        needs_original = all_candidates or feature == "logits" or (feature == "multi-layer" and max(layers) > f)
         if original is None and needs_original:
             original, more = self._run_layers(
                 text_model, per_layer[f], range(f + 1, num_layers), masks, rotary, text_pos, None
             )
             per_layer.update(more)
-        if projected is None:
-            projected = self._projected_stream(text_model, per_layer, masks, rotary, text_pos, None)
-        return self._probe_candidates(text_model, original, projected, rows, last, needs_original)
-
-    def _probe_candidates(self, text_model, original, projected, rows, last, with_logits: bool) -> dict:
-        """Every probe-feature candidate at the last prompt position, from one forward."""
-        projected_hidden = text_model.norm(projected[rows, last])
-        candidates = {
-            "projected-logits": self.lm_head(projected_hidden),
-            "hidden": projected_hidden,
-        }
-        if with_logits:
+        candidates = {}
+        if all_candidates or feature in ("projected-logits", "hidden"):
+            if projected is None:
+                projected = self._projected_stream(text_model, per_layer, masks, rotary, text_pos, None)
+            projected_hidden = text_model.norm(projected[rows, last])
+            candidates["projected-logits"] = self.lm_head(projected_hidden)
+            candidates["hidden"] = projected_hidden
+        if all_candidates or feature == "logits":
             candidates["logits"] = self.lm_head(text_model.norm(original[rows, last]))
+        if all_candidates or feature == "multi-layer":
+            candidates["multi-layer"] = torch.cat([per_layer[layer][rows, last] for layer in layers], dim=-1)
         return candidates
 
     def _force_refusal(self, logits: torch.Tensor, cache: SasaCache, step: int) -> torch.Tensor:

@@ -22,23 +22,24 @@ from pathlib import Path
 import numpy as np
 
 from sasa_patcher.jsonl import write_jsonl
-from sasa_patcher.modeling_sasa import PROBE_FEATURES
+from sasa_patcher.modeling_sasa import PROBE_FEATURES, default_probe_layers
 from sasa_patcher.probes.features import extract_features, image_sha256
 from sasa_patcher.probes.localisation import DEFAULT_MAX_PAIRS, Localisation, localise
 from sasa_patcher.probes.probe import (
     DEFAULT_CS,
     DEFAULT_FOLDS,
     DEFAULT_SEED,
-    choose_threshold,
     data_digest,
     fit_probe,
     graph_scores,
-    leave_one_source_out,
     operating_point,
     select_feature,
     write_probe,
 )
 from sasa_patcher.probes.splits import DEFAULT_HELDOUT_FRACTION, group_key, is_heldout
+from sasa_patcher.probes.taxonomy import Policy, apply_policy
+from sasa_patcher.probes.thresholds import DEFAULT_CONFIDENCE, conservative_threshold, rate_with_interval
+from sasa_patcher.probes.transfer import choose_by_transfer, per_category_rates, transfer_figures
 
 
 @dataclass
@@ -51,7 +52,7 @@ class CalibrationReport:
     target_fpr: float
     heldout: dict  # auroc, tpr, fpr, counts (held-out split, the shipped probe as the graph computes it)
     calibration: dict  # out-of-fold and in-sample operating points on the calibration split
-    candidates: dict  # feature name -> {"cv_auroc", "C", "dim"}
+    candidates: dict  # feature name -> {"cv_auroc", "C", "dim", "loco_mean_auroc", "loso_mean_auroc", "transfer_auroc"}
     C: float
     loso: dict
     digest: str
@@ -71,6 +72,14 @@ class CalibrationReport:
     def write_audit(self, path: str | Path) -> Path:
         """`calibration.jsonl`: one line per prompt (text, label, source, split, image sha256, score)."""
         return write_jsonl(path, self.records)
+
+
+def _untrained(model):
+    """A zero probe on the `hidden` feature (a placeholder while the multi-layer layers change)."""
+    from types import SimpleNamespace
+
+    width = model.config.get_text_config().hidden_size
+    return SimpleNamespace(weight=np.zeros(width), bias=0.0)
 
 
 def _check_classes(labels: np.ndarray, where: str) -> None:
@@ -96,13 +105,20 @@ def calibrate(
     pairs="auto",
     max_pairs: int = DEFAULT_MAX_PAIRS,
     progress: bool = True,
+    policy: Policy | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
+    probe_layers: Sequence[int] | None = None,
 ) -> CalibrationReport:
     """Calibrate the SASA-patched `model` on `prompts` and write the probe into it.
 
     layers:   "auto" (localised on the calibration split, see `probes.localisation`) or (s, f).
-    features: "auto" (highest cross-validated AUROC among `PROBE_FEATURES`) or one of them.
-    target_fpr: false-positive rate the threshold is set for, on the calibration split's
-              out-of-fold scores.
+    features: "auto" (the highest transfer AUROC among `PROBE_FEATURES`: the mean of leave-one-category-out
+              and leave-one-source-out AUROC, `probes.transfer`) or one of them.
+    target_fpr: false-positive rate the threshold is set for: the true FPR is <= target with probability
+              `confidence`, judged on the calibration split's out-of-fold scores (`probes.thresholds`).
+    policy:   which hazards count as harmful (default all); harmful prompts of other hazards are relabelled
+              benign before anything is fitted, and the policy is recorded in the metrics.
+    probe_layers: the layers of the multi-layer candidate (default `default_probe_layers`).
     plot_dir: where the localisation plot and JSON go (None: not written; with given layers the
               curves are then not computed at all).
     pairs:    image/text pairs for the semantic curve ("auto": up to `max_pairs` typographic
@@ -113,8 +129,9 @@ def calibrate(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    # 1. split by stable hash
-    prompts = list(prompts)
+    # 1. policy, then split by stable hash
+    policy = policy or Policy()
+    prompts = apply_policy(prompts, policy)
     heldout_mask = np.asarray([is_heldout(p, heldout_fraction) for p in prompts], dtype=bool)
     calibration_mask = ~heldout_mask
     labels = np.asarray([int(p.label) for p in prompts], dtype=np.int64)
@@ -137,6 +154,12 @@ def calibrate(
     else:
         chosen_layers = (int(layers[0]), int(layers[1]))
     model.set_sasa(dataclasses.replace(model.sasa, safety_layer=chosen_layers[0], semantic_layer=chosen_layers[1]))
+    num_layers = model.config.get_text_config().num_hidden_layers
+    probe_layers = [int(layer) for layer in (probe_layers or default_probe_layers(num_layers))]
+    if list(model.sasa.probe_layers) != probe_layers:  # the extraction reads the multi-layer candidate's layers
+        if model.sasa.probe_features == "multi-layer":  # another width: the probe is refitted below anyway
+            write_probe(model, _untrained(model), feature="hidden", threshold=1.0, layers=chosen_layers)
+        model.set_sasa(dataclasses.replace(model.sasa, probe_layers=probe_layers))
 
     # 3. features: one forward per prompt for every candidate
     mark = time.perf_counter()
@@ -157,15 +180,32 @@ def calibrate(
     y_cal, y_held = labels[cal_index], labels[held_index]
     cal_candidates = {name: extracted.candidates[name][cal_index] for name in names}
     choice = select_feature(cal_candidates, y_cal, cal_groups, Cs=Cs, folds=folds, seed=seed)
-    feature = choice.name
+    timings["cv_s"] = time.perf_counter() - mark
+    # every candidate's transfer (leave one category / source out), at its own CV-chosen C
+    mark = time.perf_counter()
+    transfer = {name: transfer_figures(extracted.candidates[name], prompts, calibration_mask,
+                                       C=choice.figures[name]["C"], seed=seed) for name in names}
+    for name in names:
+        choice.figures[name].update(loco_mean_auroc=transfer[name]["loco"]["mean_auroc"],
+                                    loso_mean_auroc=transfer[name]["loso"]["mean_auroc"],
+                                    transfer_auroc=transfer[name]["transfer_auroc"])
+    feature = choose_by_transfer(choice.figures) if features == "auto" else features
+    timings["transfer_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     fit = fit_probe(cal_candidates[feature], y_cal, cal_groups, cv=choice.cvs[feature], seed=seed)
-    threshold = choose_threshold(fit.oof_scores, y_cal, target_fpr)
+    rule = conservative_threshold(fit.oof_scores, y_cal, target_fpr, confidence)
+    threshold = rule.threshold
     timings["fit_s"] = time.perf_counter() - mark
 
     # 5. write the probe, then score with the graph's own head
-    write_probe(model, fit, feature=feature, threshold=threshold, layers=chosen_layers)
+    write_probe(model, fit, feature=feature, threshold=threshold, layers=chosen_layers, probe_layers=probe_layers)
     all_scores = graph_scores(model, extracted.candidates[feature])
     heldout = operating_point(all_scores[held_index], y_held, threshold)
+    flagged_held = all_scores[held_index] > threshold
+    heldout["tpr_interval"] = rate_with_interval(flagged_held[y_held == 1], confidence)
+    heldout["fpr_interval"] = rate_with_interval(flagged_held[y_held == 0], confidence)
+    held_prompts = [prompts[i] for i in held_index]
+    per_category = per_category_rates(all_scores[held_index], held_prompts, threshold, confidence)
     # sklearn on the same features in float64 (its StandardScaler would otherwise scale float32 in float32)
     sklearn_held = fit.pipeline.predict_proba(extracted.candidates[feature][held_index].double().numpy())[:, 1]
     heldout["graph_vs_sklearn_max_abs"] = float(np.abs(all_scores[held_index] - sklearn_held).max())
@@ -174,10 +214,8 @@ def calibrate(
         "in_sample": operating_point(all_scores[cal_index], y_cal, threshold),
     }
 
-    # 6. leave one source out (C of the shipped probe), digest
-    mark = time.perf_counter()
-    loso = leave_one_source_out(extracted.candidates[feature], prompts, calibration_mask, C=fit.C, seed=seed)
-    timings["loso_s"] = time.perf_counter() - mark
+    # 6. the chosen feature's leave-one-out figures, digest
+    loso, loco = transfer[feature]["loso"], transfer[feature]["loco"]
     digest = data_digest(cal_prompts)
 
     metrics = {
@@ -196,6 +234,24 @@ def calibrate(
         "C": fit.C,
         "cv_auroc": fit.cv_auroc,
         "candidates_cv_auroc": {name: figure["cv_auroc"] for name, figure in choice.figures.items()},
+        "candidates": {name: {key: figure.get(key) for key in ("cv_auroc", "loco_mean_auroc", "loso_mean_auroc",
+                                                                 "transfer_auroc", "C", "dim")}
+                       for name, figure in choice.figures.items()},
+        "features_chosen_by": "transfer (mean of leave-one-category-out and leave-one-source-out AUROC)"
+        if features == "auto" else "user",
+        "probe_layers": list(probe_layers) if feature == "multi-layer" else None,
+        "policy": policy.to_dict(),
+        "threshold_rule": {**rule.to_dict(), "rule": "largest k with P(Binomial(n_benign, target) <= k) <= "
+                           "1 - confidence on out-of-fold calibration scores"},
+        "tpr_interval": [heldout["tpr_interval"]["low"], heldout["tpr_interval"]["high"]],
+        "fpr_interval": [heldout["fpr_interval"]["low"], heldout["fpr_interval"]["high"]],
+        "interval_confidence": confidence,
+        "per_category_tpr": per_category["tpr"],
+        "per_family_fpr": per_category["fpr"],
+        "per_source_fpr": per_category["fpr_by_source"],
+        "loco_mean_auroc": loco["mean_auroc"],
+        "loco_min_auroc": loco["min_auroc"],
+        "loco_auroc": {name: record["auroc"] for name, record in loco["per_category"].items()},
         "calibration_oof_tpr": calibration["out_of_fold"]["tpr"],
         "calibration_oof_fpr": calibration["out_of_fold"]["fpr"],
         "loso_mean_auroc": loso["mean_auroc"],
@@ -216,6 +272,7 @@ def calibrate(
             "label": int(p.label),
             "source": p.source,
             "split": "heldout" if heldout_mask[i] else "calibration",
+            "category": getattr(p, "category", None),
             "image_sha256": image_sha256(getattr(p, "image", None)),
             "score": float(all_scores[i]),
         }

@@ -40,7 +40,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from sasa_patcher.modeling_sasa import PROBE_FEATURES
+from sasa_patcher.modeling_sasa import PROBE_FEATURES, default_probe_layers
 from sasa_patcher.probes.features import image_sha256
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-5, 2, 8))
@@ -294,54 +294,6 @@ def select_feature(
     return FeatureChoice(name=best, figures=figures, cvs=cvs)
 
 
-# ----- leave one source out --------------------------------------------------------------------------
-def leave_one_source_out(
-    X, prompts: Sequence, calibration: np.ndarray, *, C: float, seed: int = DEFAULT_SEED
-) -> dict:
-    """Fit on the calibration prompts of every source family but one; score that family.
-
-    `calibration` is a boolean mask over `prompts` (True = calibration split). For each family F
-    (`probes.splits.source_family`): train on calibration prompts of other families (minus any group
-    shared with F); test on every prompt of F (either split; none was trained on). A family with one
-    class only (most are) is scored against the other class's held-out-split prompts of the other
-    families, which the model has not seen either. C is the one chosen for the shipped probe.
-    Returns per-family AUROC and counts, plus the mean over families.
-    """
-    from sasa_patcher.probes.splits import group_key, source_family
-
-    X = _as_numpy(X)
-    labels = np.asarray([int(p.label) for p in prompts])
-    families = np.asarray([source_family(p.source) for p in prompts], dtype=object)
-    keys = np.asarray([group_key(p) for p in prompts], dtype=object)
-    calibration = np.asarray(calibration, dtype=bool)
-    per_family = {}
-    for family in sorted(set(families)):
-        in_family = families == family
-        train = calibration & ~in_family & ~np.isin(keys, keys[in_family])
-        test = in_family.copy()
-        missing = [value for value in (0, 1) if not (labels[in_family] == value).any()]
-        for value in missing:
-            test |= ~calibration & ~in_family & (labels == value)
-        record = {
-            "n_test_harmful": int((labels[test] == 1).sum()),
-            "n_test_benign": int((labels[test] == 0).sum()),
-            "complemented_with_heldout": bool(missing),
-            "auroc": None,
-        }
-        if len(np.unique(labels[train])) == 2 and len(np.unique(labels[test])) == 2:
-            pipeline = make_estimator(C, seed)
-            with quiet_fit():
-                pipeline.fit(X[train], labels[train])
-            record["auroc"] = float(roc_auc_score(labels[test], pipeline.predict_proba(X[test])[:, 1]))
-        per_family[family] = record
-    scored = [record["auroc"] for record in per_family.values() if record["auroc"] is not None]
-    return {
-        "per_source": per_family,
-        "mean_auroc": float(np.mean(scored)) if scored else None,
-        "min_auroc": float(np.min(scored)) if scored else None,
-    }
-
-
 # ----- digest and writing into the model --------------------------------------------------------------
 def data_digest(prompts: Sequence) -> str:
     """sha256 over the sorted (text, label, image sha256) records: order-independent, content-exact."""
@@ -357,19 +309,24 @@ def data_digest(prompts: Sequence) -> str:
 
 def write_probe(
     model, fit: ProbeFit, *, feature: str, threshold: float, layers: tuple[int, int] | None = None,
-    metrics: dict | None = None,
+    metrics: dict | None = None, probe_layers: Sequence[int] | None = None,
 ):
     """Put the probe (folded weights, threshold) and settings into the patched model; return the settings.
 
     A feature of another width than the current probe's re-creates the SASA modules (`init_sasa`),
     keeping the semantic map's weights. The settings' `metrics` are replaced by `metrics`.
+    `probe_layers` (the multi-layer feature's layers) defaults to the model's, else `default_probe_layers`.
     """
     s, f = layers if layers is not None else (model.sasa.safety_layer, model.sasa.semantic_layer)
+    if probe_layers is None:
+        num_layers = model.config.get_text_config().num_hidden_layers
+        probe_layers = model.sasa.probe_layers or default_probe_layers(num_layers)
     settings = replace(
         model.sasa, safety_layer=int(s), semantic_layer=int(f), probe_features=feature,
+        probe_layers=[int(layer) for layer in probe_layers],
         threshold=float(threshold), metrics=dict(metrics or {}),
     )
-    if feature != model.sasa.probe_features:
+    if feature != model.sasa.probe_features or settings.probe_layers != list(model.sasa.probe_layers):
         semantic = model.sasa_semantic_map.weight.detach().clone()
         model.init_sasa(settings)
         with torch.no_grad():

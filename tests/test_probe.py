@@ -1,4 +1,4 @@
-"""Probe fitting, folding into the graph's ProbeHead, threshold, figures, feature choice, LOSO, digest."""
+"""Probe fitting, folding into the graph's ProbeHead, threshold, figures, feature choice, digest."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from sasa_patcher.probes.probe import (
     data_digest,
     fit_probe,
     graph_scores,
-    leave_one_source_out,
     operating_point,
     select_feature,
     write_probe,
@@ -115,24 +114,6 @@ def test_feature_selection_ties_go_to_the_paper_feature():
     X, y = synthetic_features(40, 10, signal=50.0)
     choice = select_feature({"logits": X, "projected-logits": X.copy()}, y, Cs=[1.0], folds=3)
     assert choice.name == "projected-logits"
-
-
-def test_leave_one_source_out_holds_out_whole_sources():
-    prompts = []
-    for source, label in (("alpha", 1), ("beta", 1), ("gamma", 0), ("delta", 0), ("mixed", 0), ("mixed", 1)):
-        prompts += [Prompt(text=f"{source} request {i} {label}", label=label, source=source, form="question")
-                    for i in range(12)]
-    y = np.asarray([p.label for p in prompts])
-    X = np.random.default_rng(0).normal(size=(len(prompts), 12))
-    X[:, :2] += 3.0 * y[:, None]  # the label, whatever the source
-    calibration = np.arange(len(prompts)) % 4 != 0
-    result = leave_one_source_out(X, prompts, calibration, C=1.0)
-    assert set(result["per_source"]) == {"alpha", "beta", "gamma", "delta", "mixed"}
-    alpha = result["per_source"]["alpha"]
-    assert alpha["complemented_with_heldout"] and alpha["n_test_harmful"] == 12
-    assert alpha["n_test_benign"] == int(((~calibration) & (y == 0)).sum())
-    assert not result["per_source"]["mixed"]["complemented_with_heldout"]
-    assert result["mean_auroc"] > 0.9 and result["min_auroc"] <= result["mean_auroc"]
 
 
 def test_digest_covers_text_label_and_image_bytes(tmp_path):
