@@ -1,5 +1,5 @@
 """Held-out evaluation: data selection, metrics against direct computations, generation on tiny models,
-and scripts/evaluate.py end to end on a tiny safetensors artifact (plus its bad-input exits)."""
+and the evaluate CLI (sasa_patcher.cli.evaluate) on a tiny safetensors artifact (plus its bad-input exits)."""
 
 from __future__ import annotations
 
