@@ -48,6 +48,7 @@ class PatchOptions:
     calibration_prompts: Sequence | None = None
     probe_features: str = "auto"
     target_fpr: float = 0.05
+    policy: str = "all"  # which hazards count as harmful (probes.taxonomy.parse_policy)
     batch_size: int = 8
     calibration_record: bool = True
     formats: tuple[str, ...] = FORMATS
@@ -58,6 +59,7 @@ class PatchOptions:
     force: bool = False
     base_weights: str = "check"
     allow_random_calibration: bool = False  # shape-true models (random weights) refuse calibration without it
+    keep_model: bool = True  # False: the ONNX export drops the model before ONNX Runtime loads (result.model None)
 
     def validate(self) -> None:
         """Every check that needs no model: raises `UserInputError` naming the flag and the fix."""
@@ -73,6 +75,12 @@ class PatchOptions:
                 raise UserInputError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0.0 < self.target_fpr < 1.0:
             raise UserInputError(f"--target-fpr must be a rate in (0, 1), got {self.target_fpr}")
+        from sasa_patcher.probes.taxonomy import parse_policy
+
+        try:
+            parse_policy(self.policy)
+        except ValueError as error:
+            raise UserInputError(f"--policy: {error}") from None
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not self.formats or any(part not in FORMATS for part in self.formats):
@@ -168,8 +176,11 @@ def initial_settings(options: PatchOptions, num_layers: int) -> SasaSettings:
 
     safety, semantic = default_layers(num_layers) if options.layers == "auto" else parse_layers(options.layers)
     features = "projected-logits" if options.probe_features == "auto" else options.probe_features
+    from sasa_patcher.modeling_sasa import default_probe_layers
+
     settings = SasaSettings(safety, semantic, projection=options.projection, beta=options.beta, eps=options.eps,
-                            mode=options.mode, refusal_text=options.refusal_text, probe_features=features)
+                            mode=options.mode, refusal_text=options.refusal_text, probe_features=features,
+                            probe_layers=default_probe_layers(num_layers))
     try:
         settings.validate(num_layers)
     except ValueError as error:
@@ -258,11 +269,13 @@ def calibrate_stage(options: PatchOptions, result: PatchResult, prompts: list | 
         return None
     from sasa_patcher.patching import parse_layers
     from sasa_patcher.probes.calibrate import calibrate
+    from sasa_patcher.probes.taxonomy import parse_policy
 
     log(f"calibrating on {len(prompts)} prompts ({options.calibration})")
     layers = "auto" if options.layers == "auto" else parse_layers(options.layers)
     report = calibrate(result.model, result.processor, prompts, layers=layers, features=options.probe_features,
-                       target_fpr=options.target_fpr, batch_size=options.batch_size, plot_dir=staging)
+                       target_fpr=options.target_fpr, batch_size=options.batch_size, plot_dir=staging,
+                       policy=parse_policy(options.policy))
     clock.done("calibrate")
     result.calibration = report
     timings = report.timings  # forward passes (localisation, features), then fitting in named parts
@@ -296,7 +309,11 @@ def export_stage(options: PatchOptions, result: PatchResult, staging: Path, plot
         if result.model.device.type != "cpu":
             log("moving the model to the CPU for the ONNX export (traced and parity-checked there)")
             result.model = result.model.to("cpu")
-        export_onnx(result.model, result.processor, staging / "onnx", log=log)
+        def release() -> None:  # the PyTorch weights and the parity session are never resident together
+            result.model = None
+
+        export_onnx(result.model, result.processor, staging / "onnx", log=log,
+                    release_model=None if options.keep_model else release)
         result.artifacts["onnx"] = staging / "onnx"
         log(f"ONNX artifact written in {clock.done('export_onnx'):.1f}s; parity figures in "
             "onnx/parity.json")
@@ -326,13 +343,36 @@ def calibration_lines(report) -> list[str]:
     held, metrics = report.heldout, report.metrics
     s, f = report.layers
     lines = [f"layers: s={s}, f={f} ({metrics.get('layers_chosen_by', 'given')})"]
-    if metrics.get("candidates_cv_auroc"):
+    if metrics.get("candidates"):
+        lines.append("probe features (AUROC: cross-validated / leave-one-category-out / leave-one-source-out): "
+                     + ", ".join(f"{name} {format_metric(value.get('cv_auroc'))} / "
+                                 f"{format_metric(value.get('loco_mean_auroc'))} / "
+                                 f"{format_metric(value.get('loso_mean_auroc'))}"
+                                 for name, value in metrics["candidates"].items())
+                     + f" -> {report.feature} ({metrics.get('features_chosen_by', 'given')})")
+    elif metrics.get("candidates_cv_auroc"):
         lines.append("probe features (cross-validated AUROC on the calibration split): "
                      + ", ".join(f"{name} {value:.3f}" for name, value in metrics["candidates_cv_auroc"].items())
                      + f" -> {report.feature}")
     lines.append(f"held-out ({held['n_harmful']} harmful, {held['n_benign']} benign): AUROC {held['auroc']:.3f}, "
                  f"TPR {held['tpr']:.3f}, FPR {held['fpr']:.3f} at threshold {report.threshold:.4f} "
                  f"(target FPR {report.target_fpr:.2f} on calibration data)")
+    for name, key in (("TPR", "tpr_interval"), ("FPR", "fpr_interval")):
+        if metrics.get(key) and None not in metrics[key]:
+            low, high = metrics[key]
+            confidence = metrics.get("interval_confidence", 0.95)
+            lines.append(f"  held-out {name} {confidence:.0%} interval: [{low:.3f}, {high:.3f}]")
+    if metrics.get("policy") and metrics["policy"].get("allowed"):
+        lines.append("policy: not counted as harmful: " + ", ".join(metrics["policy"]["allowed"]))
+    for title, key in (("held-out TPR per hazard", "per_category_tpr"), ("held-out FPR per benign family",
+                                                                         "per_family_fpr")):
+        if metrics.get(key):
+            lines.append(f"{title}: " + ", ".join(f"{name} {value['rate']:.2f} ({value['k']}/{value['n']})"
+                                                  for name, value in metrics[key].items()))
+    if metrics.get("loco_auroc"):
+        lines.append(f"leave-one-category-out AUROC: mean {format_metric(metrics.get('loco_mean_auroc'))}; per hazard: "
+                     + ", ".join(f"{name} {value:.3f}" for name, value in metrics["loco_auroc"].items()
+                                 if value is not None))
     if metrics.get("loso_auroc"):
         lines.append(f"leave-one-source-out AUROC: mean {format_metric(metrics.get('loso_mean_auroc'))}, "
                      f"min {format_metric(metrics.get('loso_min_auroc'))}; per source: "

@@ -38,6 +38,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     ({"mode": "block"}, "--mode"),
     ({"dtype": "bfloat16"}, "float32"),
     ({"projection": "rotate"}, "--projection"),
+    ({"policy": "hate,weather"}, "--policy"),
 ])
 def test_bad_options_raise_before_loading(tmp_path, changes, message):
     options = PatchOptions(out=tmp_path / "out", model="no-such-model", **changes)

@@ -37,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", default="builtin",
                         help="'builtin' (real offline sets), a JSONL manifest path, or 'none' (untrained probe)")
     parser.add_argument("--probe-features", choices=("auto", *PROBE_FEATURES), default="auto",
-                        help="probe input; auto picks by cross-validated AUROC on the calibration split")
+                        help="probe input; auto picks by transfer: the mean of leave-one-category-out and "
+                             "leave-one-source-out AUROC on the calibration data")
     parser.add_argument("--target-fpr", type=float, default=0.05,
                         help="false-positive rate the threshold is chosen for on calibration data")
+    parser.add_argument("--policy", default="all",
+                        help="hazards that count as harmful: 'all' (default), a comma list (hate,privacy), or "
+                             "all minus some (all,-sexual_content,-specialized_advice); AILuminate categories")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-calibration-record", action="store_true",
                         help="do not write calibration.jsonl (text, label, source, split) into the artifact")
@@ -60,10 +64,10 @@ def options_from_args(args: argparse.Namespace) -> PatchOptions:
     return PatchOptions(
         out=args.out, model=args.model, layers=args.layers, projection=args.projection, beta=args.beta,
         eps=args.eps, mode=args.mode, refusal_text=args.refusal_text, calibration=args.calibration,
-        probe_features=args.probe_features, target_fpr=args.target_fpr, batch_size=args.batch_size,
+        probe_features=args.probe_features, target_fpr=args.target_fpr, policy=args.policy, batch_size=args.batch_size,
         calibration_record=not args.no_calibration_record, formats=parse_formats(args.format),
         push_to_hub=args.push_to_hub, adapter=args.adapter, dtype=args.dtype, device=args.device, force=args.force,
-        allow_random_calibration=args.allow_random_calibration,
+        allow_random_calibration=args.allow_random_calibration, keep_model=False,
     )
 
 
