@@ -41,7 +41,7 @@ results: install
 
 # The embedded model's reader: train smol-qwen-vl's vision tower and merger from scratch into
 # build/reader (resumes from its checkpoint; about an hour on 2 CPU cores with the defaults, which are
-# not enough to read: see README "Teaching the embedded model to read").
+# not enough to read: see docs/reader.md).
 reader: install
 	$(PY) -m reader.train_cli --out build/reader
 

@@ -30,7 +30,7 @@ def default_layers(num_layers: int) -> tuple[int, int]:
     """Fallback (s, f) when the user gives none and no calibration localises them.
 
     Two fifths of the depth for s and two layers later for f: the region where the text-only
-    measurement on SmolLM2 (DESIGN.md) kept the projected probe closest to the unprojected one.
+    measurement on SmolLM2 (docs/design.md) kept the projected probe closest to the unprojected one.
     """
     safety = max(0, min(num_layers - 3, round(0.4 * num_layers)))
     return safety, safety + 2

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Measure the reader: held-out transcription, the cross-modal safety gap, SASA on image-borne harm.
 
-    python python -m reader.measure_cli                          # the embedded model's tower -> results/reader.json
-    python python -m reader.measure_cli --weights build/reader/reader.safetensors --out build/reader.json
+    python -m reader.measure_cli                          # the embedded model's tower -> results/reader.json
+    python -m reader.measure_cli --weights build/reader/reader.safetensors --out build/reader.json
 
 About 15 minutes on 2 CPU cores with the defaults. Writes the JSON and a per-layer AUROC chart next to it.
 """

@@ -126,7 +126,7 @@ def curriculum_words(settings: ReaderSettings, stage: str, step: int) -> int | N
     """The longest text at this step: CTC starts on short texts, whose alignment is easy to find.
 
     Tried against CTC's two plateaus (uniform, then all-blank, ~1000 of the first 1500 steps); measured
-    on CPU it did not shorten them (README, "Teaching the embedded model to read"). Off by default.
+    on CPU it did not shorten them (docs/reader.md). Off by default.
     """
     if stage != "ctc" or step >= settings.curriculum_steps:
         return None
