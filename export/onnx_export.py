@@ -12,8 +12,10 @@ How each graph is traced, and why: `export/onnx_graphs.py`; the config: `export/
 
 from __future__ import annotations
 
+import gc
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,17 @@ from sasa_patcher.export.onnx_names import (
     TOKENIZER_FILE,
     VISION_FILE,
 )
-from sasa_patcher.export.onnx_parity import default_parity_cases, measure_parity
+from sasa_patcher.export.onnx_parity import compare_references, default_parity_cases, torch_reference
+from sasa_patcher.memory import current_rss_bytes, peak_rss_bytes, reset_peak
+
+GIB = 1024**3
+
+
+def _phase_peak() -> int:
+    """Peak resident memory since the previous phase (reset after reading where the kernel allows)."""
+    peak = peak_rss_bytes()
+    reset_peak()
+    return peak
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:
@@ -49,6 +61,7 @@ def export_onnx(
     check_parity: bool = True,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     log=None,
+    release_model: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write the three graphs, `sasa_onnx.json`, the tokenizer and `parity.json` into `out_dir`.
 
@@ -56,6 +69,12 @@ def export_onnx(
     `processor`: its transformers processor (chat template, tokenizer, image constants), or None.
     `parity_cases`: batches as the processor makes them (`input_ids`, `attention_mask`, and the
     image inputs); default: built from the processor. Returns the summary that `parity.json` holds.
+
+    Memory: the graphs are written one at a time, then the PyTorch references of the parity cases
+    are computed, then, when `release_model` is given, the caller drops its references to the model
+    (`release_model()`; this function drops its own) before ONNX Runtime loads the graphs, so the
+    PyTorch weights and the ONNX Runtime session are never resident together. The peak resident
+    memory of each phase is in the summary (`peak_rss_bytes`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +86,8 @@ def export_onnx(
     image_size = tuple(image_size or spec.default_image_size(model, processor))
     layout = spec.image_layout(model, image_size)
     spec.check_image_size(model, processor, image_size)
-    timings = {}
+    timings, peaks = {}, {}
+    reset_peak()
     for name, job in (
         (VISION_FILE, lambda path: export_vision(model, layout, path, external_data_threshold)),
         (EMBED_FILE, lambda path: export_embed(model, path, external_data_threshold)),
@@ -76,7 +96,8 @@ def export_onnx(
         started = time.perf_counter()
         job(out_dir / name)
         timings[name] = round(time.perf_counter() - started, 2)
-        log(f"exported {name} in {timings[name]:.1f}s")
+        peaks[name] = _phase_peak()
+        log(f"exported {name} in {timings[name]:.1f}s (peak RSS {peaks[name] / GIB:.1f} GiB)")
 
     config = build_config(model, processor, layout, image_size)
     tokenizer = getattr(processor, "tokenizer", None)
@@ -94,13 +115,27 @@ def export_onnx(
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__},
     }
+    references = None
     if check_parity:
         cases = parity_cases if parity_cases is not None else default_parity_cases(model, processor, image_size)
         if cases:
             started = time.perf_counter()
-            summary["parity"] = measure_parity(model, out_dir, cases)
-            summary["parity_seconds"] = round(time.perf_counter() - started, 2)
-            log(f"parity: {json.dumps(summary['parity']['worst'])}")
+            references = [torch_reference(model, case, image_size) for case in cases]
+            summary["parity_torch_seconds"] = round(time.perf_counter() - started, 2)
+            peaks["parity_torch"] = _phase_peak()
+    if release_model is not None:
+        model = processor = tokenizer = None
+        release_model()
+        gc.collect()
+        log(f"released the PyTorch model before ONNX Runtime loads the graphs (RSS now "
+            f"{current_rss_bytes() / GIB:.1f} GiB)")
+    if references:
+        started = time.perf_counter()
+        summary["parity"] = compare_references(out_dir, references)
+        summary["parity_seconds"] = round(time.perf_counter() - started, 2)
+        peaks["parity_onnxruntime"] = _phase_peak()
+        log(f"parity: {json.dumps(summary['parity']['worst'])}")
+    summary["peak_rss_bytes"] = peaks
     summary["file_bytes"] = _file_sizes(out_dir)
     (out_dir / PARITY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -8,6 +8,7 @@ the logits of every decode step. The ONNX side runs through `export.onnx_runtime
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 
 from sasa_patcher.architectures import spec_for
 from sasa_patcher.export.onnx_graphs import VisionEncoderGraph
-from sasa_patcher.export.onnx_runtime import OnnxVlm
+from sasa_patcher.export.onnx_names import CONFIG_NAME
+from sasa_patcher.export.onnx_runtime import OnnxVlm, find_onnx_dir
 
 # Logits: 1e-4 absolute, or 1e-5 of the largest |logit| when that is larger. Why the relative part:
 # on the 30-layer embedded SmolLM2 (|logit| up to 38) PyTorch fp32 itself is 9e-5 from an fp64
@@ -110,37 +112,58 @@ def _torch_greedy(model, batch: dict, max_new_tokens: int) -> tuple[np.ndarray, 
     return generated.sequences[:, batch["input_ids"].shape[1]:].numpy(), list(generated.logits)
 
 
+def _torch_image_features(model, pixels: np.ndarray, image_size) -> np.ndarray:
+    """PyTorch's features for one image, through the fixed-size vision graph module."""
+    layout = spec_for(model).image_layout(model, tuple(image_size))
+    return VisionEncoderGraph(model, layout)(torch.from_numpy(pixels)).numpy()
+
+
 @torch.no_grad()
-def compare_case(model, runtime: OnnxVlm, case: dict, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
+def torch_reference(model, case: dict, image_size, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
+    """Everything the parity check compares, computed by the PyTorch model (numpy, positions under the mask only).
+
+    Why apart: the references of every case are computed first, so the PyTorch model can be released
+    before ONNX Runtime loads the graphs (the two together were 2.8x the weights at 2B).
+    """
     batch = {key: value for key, value in case.items() if key != "name"}
     mask = batch["attention_mask"].bool().numpy()
     images = split_images(model, batch)
-    figures: dict[str, Any] = {"name": case.get("name", ""), "batch": int(mask.shape[0]), "images": len(images),
+    started = time.perf_counter()
+    features = [_torch_image_features(model, image, image_size) for image in images]
+    reference = model(**batch)
+    tokens, step_logits = _torch_greedy(model, batch, max_new_tokens)
+    logits = reference.logits.numpy()[mask]
+    return {"name": case.get("name", ""), "input_ids": batch["input_ids"].numpy(),
+            "attention_mask": batch["attention_mask"].numpy(), "images": images, "image_features": features,
+            "logits": logits, "unsafe_prob": reference.unsafe_prob.numpy(), "tokens": tokens,
+            "step_logits": [step.numpy() for step in step_logits],
+            "torch_seconds": round(time.perf_counter() - started, 2)}
+
+
+def compare_reference(runtime: OnnxVlm, reference: dict[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime on one case against its PyTorch reference: the figures of one `cases` entry."""
+    mask = reference["attention_mask"].astype(bool)
+    images = reference["images"]
+    figures: dict[str, Any] = {"name": reference["name"], "batch": int(mask.shape[0]), "images": len(images),
                                "prompt_tokens": [int(row.sum()) for row in mask]}
     if images:
-        layout = spec_for(model).image_layout(model, tuple(runtime.config["image"]["sizes"][0]))
-        encoder = VisionEncoderGraph(model, layout)
-        expected = [encoder(torch.from_numpy(pixels)).numpy() for pixels in images]
         figures["image_features_max_abs_diff"] = max(
-            _max_diff(runtime.encode_images([pixels]), want) for pixels, want in zip(images, expected, strict=True))
-
+            _max_diff(runtime.encode_images([image]), want)
+            for image, want in zip(images, reference["image_features"], strict=True))
+    figures["torch_seconds"] = reference["torch_seconds"]
+    torch_tokens = reference["tokens"]
     started = time.perf_counter()
-    reference = model(**batch)
-    torch_tokens, torch_logits = _torch_greedy(model, batch, max_new_tokens)
-    figures["torch_seconds"] = round(time.perf_counter() - started, 2)
-
-    started = time.perf_counter()
-    result = runtime.generate(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), images, max_new_tokens,
+    result = runtime.generate(reference["input_ids"], reference["attention_mask"], images, torch_tokens.shape[1],
                               eos_token_ids=[])
     figures["onnxruntime_seconds"] = round(time.perf_counter() - started, 2)
-    figures["logits_max_abs_diff"] = _max_diff(result.prefill_logits[mask], reference.logits.numpy()[mask])
-    figures["logits_max_abs"] = float(np.abs(reference.logits.numpy()[mask]).max())
-    figures["unsafe_prob"] = [float(p) for p in reference.unsafe_prob.numpy()]
-    figures["unsafe_prob_max_abs_diff"] = _max_diff(result.unsafe_prob, reference.unsafe_prob.numpy())
+    figures["logits_max_abs_diff"] = _max_diff(result.prefill_logits[mask], reference["logits"])
+    figures["logits_max_abs"] = float(np.abs(reference["logits"]).max())
+    figures["unsafe_prob"] = [float(p) for p in reference["unsafe_prob"]]
+    figures["unsafe_prob_max_abs_diff"] = _max_diff(result.unsafe_prob, reference["unsafe_prob"])
     unflagged = ~result.flagged
     figures["flagged"] = [bool(flag) for flag in result.flagged]
-    step_diffs = [_max_diff(ours[unflagged], theirs.numpy()[unflagged])
-                  for ours, theirs in zip(result.step_logits, torch_logits, strict=False)]
+    step_diffs = [_max_diff(ours[unflagged], theirs[unflagged])
+                  for ours, theirs in zip(result.step_logits, reference["step_logits"], strict=False)]
     figures["decode_logits_max_abs_diff"] = max(step_diffs, default=0.0)
     figures["new_tokens"] = int(torch_tokens.shape[1])
     figures["tokens_identical"] = bool(result.tokens.shape == torch_tokens.shape
@@ -148,10 +171,24 @@ def compare_case(model, runtime: OnnxVlm, case: dict, max_new_tokens: int = PARI
     return figures
 
 
+def compare_case(model, runtime: OnnxVlm, case: dict, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
+    """One case, both sides (the model and a session at once: fine for small models)."""
+    image_size = (runtime.config.get("image") or {}).get("sizes", [None])[0]
+    return compare_reference(runtime, torch_reference(model, case, image_size, max_new_tokens))
+
+
 def measure_parity(model, onnx_dir, cases: list[dict], max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
     """Compare every case; `worst` holds the maxima and `passed` the verdict against the tolerances."""
+    image_size = (json.loads((find_onnx_dir(onnx_dir) / CONFIG_NAME).read_text()).get("image") or {}).get(
+        "sizes", [None])[0]
+    references = [torch_reference(model, case, image_size, max_new_tokens) for case in cases]
+    return compare_references(onnx_dir, references, max_new_tokens)
+
+
+def compare_references(onnx_dir, references: list[dict], max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
+    """The parity summary from precomputed references: needs no PyTorch model, only the ONNX artifact."""
     runtime = OnnxVlm(onnx_dir, providers=["CPUExecutionProvider"])
-    results = [compare_case(model, runtime, case, max_new_tokens) for case in cases]
+    results = [compare_reference(runtime, reference) for reference in references]
     worst = {
         key: max((r.get(key, 0.0) for r in results), default=0.0)
         for key in ("logits_max_abs_diff", "decode_logits_max_abs_diff", "unsafe_prob_max_abs_diff",

@@ -59,6 +59,7 @@ class PatchOptions:
     force: bool = False
     base_weights: str = "check"
     allow_random_calibration: bool = False  # shape-true models (random weights) refuse calibration without it
+    keep_model: bool = True  # False: the ONNX export drops the model before ONNX Runtime loads (result.model None)
 
     def validate(self) -> None:
         """Every check that needs no model: raises `UserInputError` naming the flag and the fix."""
@@ -308,7 +309,11 @@ def export_stage(options: PatchOptions, result: PatchResult, staging: Path, plot
         if result.model.device.type != "cpu":
             log("moving the model to the CPU for the ONNX export (traced and parity-checked there)")
             result.model = result.model.to("cpu")
-        export_onnx(result.model, result.processor, staging / "onnx", log=log)
+        def release() -> None:  # the PyTorch weights and the parity session are never resident together
+            result.model = None
+
+        export_onnx(result.model, result.processor, staging / "onnx", log=log,
+                    release_model=None if options.keep_model else release)
         result.artifacts["onnx"] = staging / "onnx"
         log(f"ONNX artifact written in {clock.done('export_onnx'):.1f}s; parity figures in "
             "onnx/parity.json")

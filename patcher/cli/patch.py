@@ -67,7 +67,7 @@ def options_from_args(args: argparse.Namespace) -> PatchOptions:
         probe_features=args.probe_features, target_fpr=args.target_fpr, policy=args.policy, batch_size=args.batch_size,
         calibration_record=not args.no_calibration_record, formats=parse_formats(args.format),
         push_to_hub=args.push_to_hub, adapter=args.adapter, dtype=args.dtype, device=args.device, force=args.force,
-        allow_random_calibration=args.allow_random_calibration,
+        allow_random_calibration=args.allow_random_calibration, keep_model=False,
     )
 
 
