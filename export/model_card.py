@@ -13,6 +13,9 @@ localisation plot). It never computes figures: `export/` does not reach back int
     n_calibration, cv_auroc, C, features, layers, layers_chosen_by, calibration_oof_tpr/fpr,
     loso_mean_auroc, loso_min_auroc      calibration figures
     candidates_cv_auroc, loso_auroc      {name: AUROC} tables
+    per_category_tpr, per_family_fpr     {category: {rate, low, high, k, n}}: the per-hazard table and bar chart
+    loco_auroc, candidates, policy       leave-one-category-out AUROC, every feature's CV / LOCO / LOSO AUROC,
+    tpr_interval, fpr_interval           the deployment policy, Wilson intervals of the held-out rates
 
 Any other scalar entry is listed verbatim, any other {name: value} entry as its own table. With no held-out AUROC and no
 finite threshold the card says "untrained probe".
@@ -269,6 +272,7 @@ def _calibration_section(sasa: dict[str, Any], info: CardInfo) -> list[str]:
             held_out.insert(3, ("threshold on unsafe_prob", threshold))
         lines += ["Held-out figures (prompts never used for fitting, layer choice or threshold):", ""]
         lines += _table(held_out, ("figure", "value"))
+    lines += _hazard_section(metrics, used)
     calibration = rows_for(CALIBRATION_ROWS)
     if calibration:
         lines += ["Calibration split:", ""] + _table(calibration, ("figure", "value"))
@@ -282,6 +286,72 @@ def _calibration_section(sasa: dict[str, Any], info: CardInfo) -> list[str]:
             if key == "candidates" and "candidates_cv_auroc" in metrics:
                 continue
             lines += [f"{title}:", ""] + _table(list(value.items()), (column, "value"))
+    return lines
+
+
+def _bar(rate: float | None, width: int = 10) -> str:
+    """A text bar for a rate in [0, 1] (the card's chart needs no image)."""
+    if rate is None:
+        return ""
+    filled = int(round(rate * width))
+    return "█" * filled + "░" * (width - filled)
+
+
+def _rate(value: dict | None) -> str:
+    if not value or value.get("rate") is None:
+        return "-"
+    interval = f" [{value['low']:.2f}, {value['high']:.2f}]" if value.get("low") is not None else ""
+    return f"{value['rate']:.2f} ({value['k']}/{value['n']}){interval}"
+
+
+def _hazard_section(metrics: dict[str, Any], used: set[str]) -> list[str]:
+    """Per-hazard rows (held-out TPR with its chart, look-alike FPR, leave-one-category-out AUROC), the policy,
+    and every feature candidate's in-distribution and transfer AUROC."""
+    keys = ("per_category_tpr", "per_family_fpr", "per_source_fpr", "loco_auroc", "candidates", "policy",
+            "tpr_interval", "fpr_interval", "interval_confidence", "threshold_rule", "probe_layers")
+    used.update(keys)
+    lines: list[str] = []
+    for name, key in (("TPR", "tpr_interval"), ("FPR", "fpr_interval")):
+        if metrics.get(key) and None not in metrics[key]:
+            low, high = metrics[key]
+            confidence = metrics.get("interval_confidence", 0.95)
+            lines.append(f"Held-out {name} {confidence:.0%} interval (Wilson): [{low:.3f}, {high:.3f}]")
+    rule = metrics.get("threshold_rule") or {}
+    if rule:
+        lines.append(f"Threshold rule: the true FPR is <= {_number(rule.get('target_fpr'))} with probability "
+                     f">= {_number(rule.get('confidence'))} on out-of-fold calibration scores "
+                     f"({rule.get('allowed')} of {rule.get('n_benign')} benign scores above it)"
+                     + ("" if rule.get("guaranteed", True) else "; too few benign prompts for that guarantee"))
+    policy = metrics.get("policy") or {}
+    if policy:
+        allowed = policy.get("allowed") or []
+        lines.append("Policy: every hazard counts as harmful" if not allowed
+                     else "Policy: not counted as harmful (relabelled benign): " + ", ".join(allowed))
+    if lines:
+        lines.append("")
+    tpr, fpr, loco = metrics.get("per_category_tpr") or {}, metrics.get("per_family_fpr") or {}, metrics.get(
+        "loco_auroc") or {}
+    names = list(dict.fromkeys([*tpr, *loco, *fpr]))
+    if names:
+        rows = [["hazard (AILuminate)", "held-out TPR (k/n) [interval]", "chart", "look-alike FPR (k/n)",
+                 "leave-one-category-out AUROC"]]
+        for name in names:
+            rate = (tpr.get(name) or {}).get("rate")
+            auroc = loco.get(name)
+            rows.append([name, _rate(tpr.get(name)), _bar(rate), _rate(fpr.get(name)),
+                         "-" if auroc is None else _number(auroc)])
+        lines += ["Per hazard category, at the shipped threshold (held-out split; `everyday` is the benign family "
+                  "that looks like no hazard):", "", *markdown_table(rows), ""]
+    candidates = metrics.get("candidates") or {}
+    if candidates:
+        rows = [["feature", "cross-validated AUROC", "leave-one-category-out AUROC", "leave-one-source-out AUROC",
+                 "chosen"]]
+        for name, figure in candidates.items():
+            rows.append([name, _number(figure.get("cv_auroc")), _number(figure.get("loco_mean_auroc")),
+                         _number(figure.get("loso_mean_auroc")), "yes" if name == metrics.get("features") else ""])
+        lines += [f"Probe-feature candidates (chosen by {metrics.get('features_chosen_by', 'the user')}):", "",
+                  *markdown_table(rows), ""]
+        used.update(("candidates_cv_auroc", "features_chosen_by"))
     return lines
 
 
