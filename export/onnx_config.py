@@ -58,6 +58,16 @@ def _processor_section(model, processor, layout: ImageLayout, image_size) -> dic
 PROMPT_SENTINEL = "\u2063SASA_PROMPT\u2063"
 
 
+def render_user_turn(processor, text: str, images: int) -> str | None:
+    """The chat template around one user turn with `images` images first; None if the template refuses."""
+    content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
+    try:
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template without image support
+        return None
+
+
 def _prompt_format(processor) -> dict[str, list[str]] | None:
     """The chat template rendered around a sentinel: (prefix, suffix) with and without an image.
 
@@ -66,16 +76,9 @@ def _prompt_format(processor) -> dict[str, list[str]] | None:
     if not hasattr(processor, "apply_chat_template"):
         return None
     formats = {}
-    for kind, content in (
-        ("text", [{"type": "text", "text": PROMPT_SENTINEL}]),
-        ("image", [{"type": "image"}, {"type": "text", "text": PROMPT_SENTINEL}]),
-    ):
-        try:
-            rendered = processor.apply_chat_template([{"role": "user", "content": content}],
-                                                     add_generation_prompt=True, tokenize=False)
-        except Exception:  # noqa: BLE001 - a template without image support: no image format
-            continue
-        if rendered.count(PROMPT_SENTINEL) == 1:
+    for kind, images in (("text", 0), ("image", 1)):
+        rendered = render_user_turn(processor, PROMPT_SENTINEL, images)
+        if rendered is not None and rendered.count(PROMPT_SENTINEL) == 1:
             formats[kind] = rendered.split(PROMPT_SENTINEL)
     return formats or None
 
@@ -85,21 +88,32 @@ def build_config(model, processor, layout: ImageLayout, image_size) -> dict[str,
     dims = text_dims(model)
     layers = cache_layers(model)
     spec = spec_for(model)
-    eos = _token_ids(model.generation_config.eos_token_id) or _token_ids(model.config.get_text_config().eos_token_id)
+    text_config = model.config.get_text_config()
+    eos = _token_ids(model.generation_config.eos_token_id) or _token_ids(text_config.eos_token_id)
+    vision_graph = {
+        "file": VISION_FILE,
+        "inputs": {"pixel_values": {"dtype": "float32", "shape": list(layout.pixel_shape)}},
+        "outputs": {"image_features": {"dtype": "float32", "shape": [layout.tokens_per_image, dims["hidden_size"]]}},
+        "images_per_call": 1,
+    }
+    if spec.dynamic_image_size:
+        vision_graph = {
+            "file": VISION_FILE,
+            "inputs": {"pixel_values": {"dtype": "float32", "shape": ["num_patches", layout.pixel_shape[1]]},
+                       "image_grid_thw": {"dtype": "int64", "shape": ["num_images", 3]}},
+            "outputs": {"image_features": {"dtype": "float32", "shape": ["num_image_tokens", dims["hidden_size"]]}},
+            "images_per_call": "any (rows of all images in order, one grid row per image)",
+        }
     config: dict[str, Any] = {
         "format": "sasa-onnx",
         "format_version": FORMAT_VERSION,
         "architecture": spec.name,
         "model_type": model.config.model_type,
         "dtype": "float32",
+        # GenAI runs one KV cache: gate-mode artifacts of families GenAI knows get its config too.
+        "genai_type": spec.genai_type if settings.mode == "gate" else None,
         "graphs": {
-            "vision_encoder": {
-                "file": VISION_FILE,
-                "inputs": {"pixel_values": {"dtype": "float32", "shape": list(layout.pixel_shape)}},
-                "outputs": {"image_features": {"dtype": "float32",
-                                               "shape": [layout.tokens_per_image, dims["hidden_size"]]}},
-                "images_per_call": 1,
-            },
+            "vision_encoder": vision_graph,
             "embed_tokens": {
                 "file": EMBED_FILE,
                 "inputs": {"input_ids": {"dtype": "int64", "shape": ["batch", "sequence_length"]},
@@ -131,7 +145,10 @@ def build_config(model, processor, layout: ImageLayout, image_size) -> dict[str,
             "num_hidden_layers": dims["num_hidden_layers"],
         },
         "hidden_size": dims["hidden_size"],
+        "num_attention_heads": text_config.num_attention_heads,
         "vocab_size": dims["vocab_size"],
+        # Prompt + answer tokens the decoder's positions were trained for; the runtimes refuse longer prompts.
+        "context_length": int(text_config.max_position_embeddings),
         "sasa": {
             "mode": settings.mode,
             "safety_layer": settings.safety_layer,
@@ -146,6 +163,7 @@ def build_config(model, processor, layout: ImageLayout, image_size) -> dict[str,
             "metrics": settings.metrics,
         },
         "eos_token_id": eos,
+        "bos_token_id": (_token_ids(text_config.bos_token_id) + eos)[0],
         # What generate() pads finished rows with: the generation config's pad id, else the first eos id.
         "pad_token_id": (_token_ids(model.generation_config.pad_token_id) + eos + [0])[0],
         "generation": {
@@ -154,10 +172,14 @@ def build_config(model, processor, layout: ImageLayout, image_size) -> dict[str,
             "suppress_tokens": _token_ids(getattr(model.generation_config, "suppress_tokens", None)),
         },
         "image": {
+            # dynamic: any size (each image's own grid); sizes then holds the size traced and checked at export
+            "dynamic": spec.dynamic_image_size,
             "sizes": [list(image_size)],
-            "tokens_per_image": layout.tokens_per_image,
+            "tokens_per_image": None if spec.dynamic_image_size else layout.tokens_per_image,
             "image_token_id": model.config.image_token_id,
-            "grid_thw": list(layout.grid_thw) if layout.grid_thw else None,
+            "video_token_id": getattr(model.config, "video_token_id", None),
+            "vision_start_token_id": getattr(model.config, "vision_start_token_id", None),
+            "grid_thw": None if spec.dynamic_image_size or not layout.grid_thw else list(layout.grid_thw),
             "spatial_merge_size": getattr(model.config.vision_config, "spatial_merge_size", None),
             "resize_rule": spec.resize_rule(),
         },

@@ -23,6 +23,7 @@ import onnx
 import torch
 
 from sasa_patcher.architectures import spec_for
+from sasa_patcher.export.genai import write_genai_files
 from sasa_patcher.export.onnx_config import build_config
 from sasa_patcher.export.onnx_graphs import EXTERNAL_DATA_THRESHOLD, export_decoder, export_embed, export_vision
 from sasa_patcher.export.onnx_names import (
@@ -104,6 +105,10 @@ def export_onnx(
     if tokenizer is not None and getattr(tokenizer, "backend_tokenizer", None) is not None:
         tokenizer.backend_tokenizer.save(str(out_dir / TOKENIZER_FILE))
         config["tokenizer_file"] = TOKENIZER_FILE
+    if config.get("genai_type") and tokenizer is not None:
+        # ONNX Runtime GenAI's files; graph and tensor names then live in genai_config.json only.
+        config["genai_files"] = write_genai_files(config, model, processor, out_dir)
+        del config["graphs"]
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     import onnxruntime

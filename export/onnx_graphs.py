@@ -1,7 +1,9 @@
 """The SASA-patched model as three ONNX graphs (the artifact around them: `export/onnx_export.py`).
 
-    vision_encoder.onnx       one image's pixel values -> its image features, as the decoder consumes
-                              them (one image per call; the image size is fixed, see below)
+    vision_encoder.onnx       pixel values -> image features, as the decoder consumes them. Qwen:
+                              any image size, any number of images per call (pixel rows +
+                              image_grid_thw, `export/onnx_vision.py`); LLaVA: one image of its
+                              one size per call
     embed_tokens.onnx         input_ids + the features of every image in the batch -> inputs_embeds;
                               the image features replace the image placeholder tokens, in row-major
                               order (what the model's `masked_scatter` does)
@@ -16,11 +18,11 @@ Exporter choices, measured here (torch 2.13, onnxruntime 1.32):
   is specialised (a 1-token prefill and 1-token decode steps are tested). The prompt-only probe pass
   is a `torch.cond` on "past length == 0", i.e. an ONNX `If`: decode steps skip it. The TorchScript
   exporter cannot express that branch; named `Dim`s fail the non-strict export (see export_decoder).
-- vision encoder: the TorchScript exporter (`dynamo=False`) with the image grid fixed at trace time.
-  Dynamo fails on the Qwen2-VL and Qwen2.5-VL towers even for a fixed grid (`grid_thw.tolist()`
-  becomes an unbacked symbol: "Could not guard on data-dependent expression Eq(u0, 0)"); the
-  TorchScript trace exports in < 1 s with features equal to PyTorch within 1e-7 (tiny) / 5e-7
-  (embedded). One image per call, one image size per artifact (`sasa_onnx.json` `image.sizes`).
+- vision encoder: the TorchScript exporter (`dynamo=False`). Dynamo fails on the stock Qwen2-VL and
+  Qwen2.5-VL towers (`grid_thw.tolist()` becomes an unbacked symbol: "Could not guard on
+  data-dependent expression Eq(u0, 0)"); the Qwen towers are traced through a tensor-only rewrite
+  of their forward (`QwenVisionGraph`) with two images of different grids, so pixel rows and the
+  number of images are dynamic; LLaVA's CLIP tower is traced at its one size.
 - embed_tokens: the TorchScript exporter (dynamic batch, length and number of image tokens).
 
 The decoder wrapper builds a `SasaCache` from the flat cache tensors and calls the patched model's
@@ -40,6 +42,7 @@ from torch import nn
 
 from sasa_patcher.architectures import ImageLayout, spec_for
 from sasa_patcher.export.onnx_names import UNSAFE_PROB_NOT_COMPUTED
+from sasa_patcher.export.onnx_vision import QwenVisionGraph, trace_grids
 from sasa_patcher.modeling_sasa import SasaCache, last_token_index
 
 OPSET = 18
@@ -276,6 +279,15 @@ def _name_axes(proto: onnx.ModelProto, names: dict[tuple[str, int], str]) -> Non
 
 
 def export_vision(model, layout: ImageLayout, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+    spec = spec_for(model)
+    if spec.dynamic_image_size:
+        pixels, grid = trace_grids(layout.pixel_shape[1])
+        axes = {"pixel_values": {0: "num_patches"}, "image_grid_thw": {0: "num_images"},
+                "image_features": {0: "num_image_tokens"}}
+        graph = QwenVisionGraph(model.model.visual, spec.window_attention).eval()
+        _export_torchscript(graph, (pixels, grid), path, ["pixel_values", "image_grid_thw"], ["image_features"], axes,
+                            threshold)
+        return
     example = torch.randn(*layout.pixel_shape, generator=torch.Generator().manual_seed(0))
     _export_torchscript(VisionEncoderGraph(model, layout).eval(), (example,), path, ["pixel_values"],
                         ["image_features"], None, threshold)

@@ -8,7 +8,6 @@ the logits of every decode step. The ONNX side runs through `export.onnx_runtime
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -17,8 +16,7 @@ import torch
 
 from sasa_patcher.architectures import spec_for
 from sasa_patcher.export.onnx_graphs import VisionEncoderGraph
-from sasa_patcher.export.onnx_names import CONFIG_NAME
-from sasa_patcher.export.onnx_runtime import OnnxVlm, find_onnx_dir
+from sasa_patcher.export.onnx_runtime import OnnxVlm, PreparedImage, find_onnx_dir, load_config
 
 # Logits: 1e-4 absolute, or 1e-5 of the largest |logit| when that is larger. Why the relative part:
 # on the 30-layer embedded SmolLM2 (|logit| up to 38) PyTorch fp32 itself is 9e-5 from an fp64
@@ -77,17 +75,29 @@ def default_parity_cases(model, processor, image_size) -> list[dict]:
     return cases
 
 
-def split_images(model, batch: dict) -> list[np.ndarray]:
-    """The batch's pixel values as one array per image, in placeholder order."""
+def split_images(model, batch: dict) -> list[PreparedImage]:
+    """The batch's pixel values as one prepared image per image (with its grid), in placeholder order."""
     pixels = batch.get("pixel_values")
     if pixels is None:
         return []
     pixels = pixels.detach().float().numpy()
     grids = batch.get("image_grid_thw")
     if grids is None:
-        return [pixels[index:index + 1] for index in range(pixels.shape[0])]
-    sizes = [int(np.prod(grid)) for grid in grids.tolist()]
-    return np.split(pixels, np.cumsum(sizes)[:-1])
+        return [PreparedImage(pixels[index:index + 1]) for index in range(pixels.shape[0])]
+    grids = [tuple(grid) for grid in grids.tolist()]
+    sizes = [int(np.prod(grid)) for grid in grids]
+    return [PreparedImage(rows, grid)
+            for rows, grid in zip(np.split(pixels, np.cumsum(sizes)[:-1]), grids, strict=True)]
+
+
+def _torch_image_features(model, image: PreparedImage, image_size) -> np.ndarray:
+    """PyTorch's features for one image: the model's own tower (any grid) or the fixed-size graph module."""
+    pixels = torch.from_numpy(image.pixel_values)
+    if image.grid_thw is not None:
+        return model.sasa_image_features({"pixel_values": pixels, "image_grid_thw": torch.tensor([image.grid_thw])}
+                                         ).numpy()
+    layout = spec_for(model).image_layout(model, tuple(image_size))
+    return VisionEncoderGraph(model, layout)(pixels).numpy()
 
 
 def _max_diff(a, b) -> float:
@@ -110,12 +120,6 @@ def _torch_greedy(model, batch: dict, max_new_tokens: int) -> tuple[np.ndarray, 
     finally:
         config.eos_token_id, config.do_sample, config.num_beams = saved
     return generated.sequences[:, batch["input_ids"].shape[1]:].numpy(), list(generated.logits)
-
-
-def _torch_image_features(model, pixels: np.ndarray, image_size) -> np.ndarray:
-    """PyTorch's features for one image, through the fixed-size vision graph module."""
-    layout = spec_for(model).image_layout(model, tuple(image_size))
-    return VisionEncoderGraph(model, layout)(torch.from_numpy(pixels)).numpy()
 
 
 @torch.no_grad()
@@ -179,8 +183,7 @@ def compare_case(model, runtime: OnnxVlm, case: dict, max_new_tokens: int = PARI
 
 def measure_parity(model, onnx_dir, cases: list[dict], max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
     """Compare every case; `worst` holds the maxima and `passed` the verdict against the tolerances."""
-    image_size = (json.loads((find_onnx_dir(onnx_dir) / CONFIG_NAME).read_text()).get("image") or {}).get(
-        "sizes", [None])[0]
+    image_size = (load_config(find_onnx_dir(onnx_dir)).get("image") or {}).get("sizes", [None])[0]
     references = [torch_reference(model, case, image_size, max_new_tokens) for case in cases]
     return compare_references(onnx_dir, references, max_new_tokens)
 

@@ -5,23 +5,46 @@ single-turn prompt format pre-rendered at export time is used.) No torch, no tra
 what `scripts/generate_onnx.py` runs, and what the export-time parity check compares with PyTorch.
 
 Pipeline for one batch (left padding, greedy):
-  image -> numpy preprocessing (as the transformers processor) -> vision_encoder.onnx, once per image
+  image -> numpy preprocessing (`export/onnx_preprocess.py`, as the transformers processor; Qwen
+  images keep their own size and grid) -> vision_encoder.onnx, once per image
   input_ids + all image features -> embed_tokens.onnx -> inputs_embeds
   prefill: decoder_model_merged.onnx with an empty past -> logits, unsafe_prob (the prompt's
   verdict), present.*; decode: one token per step, present.* fed back as past.*
   gate mode: a row whose unsafe_prob exceeds the threshold emits the refusal tokens instead.
+
+Graph files and tensor names come from `genai_config.json` when the artifact has one (the file ONNX
+Runtime GenAI loads), else from `sasa_onnx.json` `graphs`: one source of truth per artifact.
+Bad artifacts and inputs raise `ArtifactError`, `ImageError` or `PromptTooLongError` with one line.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from sasa_patcher.export.genai import GENAI_CONFIG_NAME, graphs_from_genai
 from sasa_patcher.export.onnx_names import CONFIG_NAME, ONNX_DIRNAME
+from sasa_patcher.export.onnx_preprocess import (  # noqa: F401 - re-exported for callers of the runtime
+    ImageError,
+    PreparedImage,
+    image_tokens,
+    mrope_positions,
+    preprocess_image,
+    text_positions,
+)
+
+
+class ArtifactError(ValueError):
+    """A damaged or incomplete ONNX artifact (bad JSON, missing keys, truncated graph files)."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt longer than the model's context length."""
 
 
 def find_onnx_dir(path) -> Path:
@@ -33,127 +56,31 @@ def find_onnx_dir(path) -> Path:
     raise FileNotFoundError(f"no {CONFIG_NAME} in {path} or {path / ONNX_DIRNAME}: not a SASA ONNX artifact")
 
 
+def load_config(onnx_dir: Path) -> dict:
+    """`sasa_onnx.json`, with `graphs` taken from `genai_config.json` when the artifact has one."""
+    def read(name: str) -> dict:
+        try:
+            return json.loads((onnx_dir / name).read_text())
+        except (OSError, ValueError) as error:
+            raise ArtifactError(f"cannot read {onnx_dir / name}: {error}") from None
+
+    config = read(CONFIG_NAME)
+    try:
+        if (onnx_dir / GENAI_CONFIG_NAME).is_file():
+            config["graphs"] = graphs_from_genai(read(GENAI_CONFIG_NAME))
+        graphs = config["graphs"]
+        for name in ("vision_encoder", "embed_tokens", "decoder"):
+            graphs[name]["file"]
+        config["sasa"], config["eos_token_id"], config["hidden_size"], config["cache"]
+    except (KeyError, TypeError) as error:
+        raise ArtifactError(f"{onnx_dir / CONFIG_NAME} (or {GENAI_CONFIG_NAME}) lacks the key {error}: "
+                            "re-export the artifact") from None
+    return config
+
+
 def default_providers() -> list[str]:
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
-
-
-# ----- image preprocessing (numpy replay of the transformers PIL image processors) ----------------
-def _to_rgb(image):
-    from PIL import Image
-
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _rescale_normalize(pixels: np.ndarray, settings: dict) -> np.ndarray:
-    """CHW uint8 -> float32, in the processor's order and precision (float64 rescale, float32 normalize)."""
-    image = pixels
-    if settings.get("do_rescale", True):
-        image = (image.astype(np.float64) * settings["rescale_factor"]).astype(np.float32)
-    else:
-        image = image.astype(np.float32)
-    if settings.get("do_normalize", True):
-        mean = np.array(settings["image_mean"], dtype=image.dtype)
-        std = np.array(settings["image_std"], dtype=image.dtype)
-        image = ((image.T - mean) / std).T
-    return image
-
-
-def preprocess_image(image, config: dict) -> np.ndarray:
-    """A PIL image (or path) -> the vision encoder's `pixel_values` for one image.
-
-    Qwen: resized to the supported size (bicubic), rescaled, normalized, cut into
-    (t, h, w) patches in the processor's order: [h*w, C*temporal*patch*patch].
-    LLaVA: shortest edge resized, center crop, rescale, normalize: [1, C, H, W].
-    """
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    settings = config["preprocessing"]
-    height, width = config["image"]["sizes"][0]
-    if settings.get("do_convert_rgb", True):
-        image = _to_rgb(image)
-    resample = settings.get("resample", 3)
-    if settings["resize"] == "exact":
-        if image.size != (width, height):
-            image = image.resize((width, height), resample=resample)
-    else:
-        short = settings["shortest_edge"]
-        w, h = image.size
-        if w <= h:
-            new_w, new_h = short, int(short * h / w)
-        else:
-            new_w, new_h = int(short * w / h), short
-        if (new_w, new_h) != image.size:
-            image = image.resize((new_w, new_h), resample=resample)
-    pixels = np.asarray(image)
-    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-    pixels = np.moveaxis(pixels, -1, 0)
-    if settings.get("do_center_crop"):
-        crop_h, crop_w = settings["crop_size"]
-        top, left = (pixels.shape[1] - crop_h) // 2, (pixels.shape[2] - crop_w) // 2
-        if top < 0 or left < 0:
-            raise ValueError(f"image {pixels.shape[1:]} smaller than the crop {crop_h}x{crop_w}")
-        pixels = pixels[:, top:top + crop_h, left:left + crop_w]
-    image_array = _rescale_normalize(pixels, settings)
-    if "patch_size" not in settings:
-        return image_array[None].astype(np.float32)
-    return patchify(image_array, settings["patch_size"], settings["merge_size"], settings["temporal_patch_size"])
-
-
-def patchify(image: np.ndarray, patch: int, merge: int, temporal: int) -> np.ndarray:
-    """Qwen2-VL patch layout: (gh, gw, mh, mw) blocks, each C x temporal x patch x patch, flattened."""
-    channels, height, width = image.shape
-    grid_h, grid_w = height // patch, width // patch
-    patches = image.reshape(channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
-    patches = patches.transpose(1, 4, 2, 5, 0, 3, 6)
-    patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], temporal, *patches.shape[5:]))
-    return np.ascontiguousarray(patches.reshape(grid_h * grid_w, channels * temporal * patch * patch), np.float32)
-
-
-# ----- positions -----------------------------------------------------------------------------------
-def text_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """1-D positions that skip padding (0 at pad positions), as the patched model makes them."""
-    positions = np.cumsum(attention_mask, axis=-1) - 1
-    return np.where(attention_mask == 0, 0, positions).astype(np.int64)
-
-
-def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int,
-                    grid_thw: tuple[int, int, int], merge: int) -> tuple[np.ndarray, np.ndarray]:
-    """Qwen2-VL `get_rope_index` for images: [3, B, T] positions and per-row deltas [B, 1]."""
-    batch, length = input_ids.shape
-    positions = np.zeros((3, batch, length), dtype=np.int64)
-    deltas = np.zeros((batch, 1), dtype=np.int64)
-    grid_t, grid_h, grid_w = grid_thw[0], grid_thw[1] // merge, grid_thw[2] // merge
-    for row in range(batch):
-        valid = attention_mask[row].astype(bool)
-        ids = input_ids[row][valid]
-        is_image = ids == image_token_id
-        pieces, current, start = [], 0, 0
-        while start < len(ids):
-            end = start
-            while end < len(ids) and is_image[end] == is_image[start]:
-                end += 1
-            if not is_image[start]:
-                pieces.append(np.broadcast_to(np.arange(end - start) + current, (3, end - start)))
-                current += end - start
-            else:
-                # One run of placeholder tokens per image (the template separates images).
-                per_image = grid_t * grid_h * grid_w
-                for _ in range((end - start) // per_image):
-                    t, h, w = np.meshgrid(np.arange(grid_t), np.arange(grid_h), np.arange(grid_w), indexing="ij")
-                    pieces.append(np.stack([t.ravel() + current, h.ravel() + current, w.ravel() + current]))
-                    current += max(grid_h, grid_w)
-            start = end
-        row_positions = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
-        positions[:, row, valid] = row_positions
-        deltas[row, 0] = (row_positions.max() + 1 - len(ids)) if len(ids) else 0
-    return positions, deltas
 
 
 # ----- the artifact ------------------------------------------------------------------------------------
@@ -171,7 +98,7 @@ class OnnxVlm:
 
     def __init__(self, path, providers: list[str] | None = None, threads: int | None = None):
         self.dir = find_onnx_dir(path)
-        self.config = json.loads((self.dir / CONFIG_NAME).read_text())
+        self.config = load_config(self.dir)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -179,18 +106,32 @@ class OnnxVlm:
         graphs = self.config["graphs"]
 
         def session(name):
-            return ort.InferenceSession(str(self.dir / graphs[name]["file"]), options, providers=providers)
+            path = self.dir / graphs[name]["file"]
+            try:
+                return ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types (InvalidProtobuf, Fail, ...)
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ArtifactError(f"cannot load {path} ({type(error).__name__}): {first}") from None
 
         self.vision, self.embed, self.decoder = session("vision_encoder"), session("embed_tokens"), session("decoder")
-        self.past_names = [n for n in graphs["decoder"]["inputs"] if n.startswith("past.")]
+        self.names = {key: value for graph in graphs.values() for key, value in graph.get("names", {}).items()}
+        self.past_names = graphs["decoder"]["inputs"][3:]
         self.output_names = graphs["decoder"]["outputs"]
         self._tokenizer = None
+
+    def name(self, tensor: str) -> str:
+        """A graph tensor's name in this artifact (genai_config.json may rename them)."""
+        return self.names.get(tensor, tensor)
 
     # --- properties of the artifact
     @property
     def position_rows(self) -> int:
-        """1: positions [B, T]; 4: the text row and the three M-RoPE rows, [4, B, T] (the config says which)."""
+        """1: positions [B, T]; 3: the M-RoPE rows [3, B, T] (4: older artifacts with a text row first)."""
         return self.config["graphs"]["decoder"]["position_rows"]
+
+    @property
+    def context_length(self) -> int | None:
+        return self.config.get("context_length")
 
     @property
     def flaggable(self) -> bool:
@@ -206,33 +147,47 @@ class OnnxVlm:
         return self._tokenizer
 
     # --- graphs
-    def encode_images(self, images: list[np.ndarray]) -> np.ndarray:
+    def encode_images(self, images: list) -> np.ndarray:
+        """Image features of every image, concatenated in order (one vision call per image, as GenAI)."""
         hidden = self.config["hidden_size"]
-        features = [self.vision.run(None, {"pixel_values": np.asarray(pixels, np.float32)})[0] for pixels in images]
+        features = []
+        for image in images:
+            image = image if isinstance(image, PreparedImage) else PreparedImage(np.asarray(image))
+            feeds = {self.name("pixel_values"): np.asarray(image.pixel_values, np.float32)}
+            if image.grid_thw is not None:
+                feeds[self.name("image_grid_thw")] = np.array([image.grid_thw], np.int64)
+            features.append(self.vision.run(None, feeds)[0])
         return np.concatenate(features) if features else np.zeros((0, hidden), np.float32)
 
     def embed_tokens(self, input_ids: np.ndarray, image_features: np.ndarray) -> np.ndarray:
-        return self.embed.run(None, {"input_ids": input_ids.astype(np.int64), "image_features": image_features})[0]
+        feeds = {self.name("input_ids"): input_ids.astype(np.int64), self.name("image_features"): image_features}
+        return self.embed.run(None, feeds)[0]
 
-    def prefill_positions(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def prefill_positions(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                          grids: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Decoder positions of a prompt and the per-row M-RoPE deltas; `grids`: each image's (t, h, w)."""
         text = text_positions(attention_mask)
         batch = input_ids.shape[0]
         if self.position_rows == 1:
             return text, np.zeros((batch, 1), np.int64)
         image = self.config["image"]
         if not (input_ids == image["image_token_id"]).any():
-            return np.stack([text] * 4), np.zeros((batch, 1), np.int64)
-        rope, deltas = mrope_positions(input_ids, attention_mask, image["image_token_id"], image["grid_thw"],
-                                       image["spatial_merge_size"])
-        return np.concatenate([text[None], rope]), deltas
+            rope, deltas = np.stack([text] * 3), np.zeros((batch, 1), np.int64)
+        else:
+            rope, deltas = mrope_positions(input_ids, attention_mask, image["image_token_id"],
+                                           grids or image["grid_thw"], image["spatial_merge_size"])
+        return (np.concatenate([text[None], rope]) if self.position_rows == 4 else rope), deltas
 
     def step_positions(self, attention_mask: np.ndarray, deltas: np.ndarray) -> np.ndarray:
         text = text_positions(attention_mask)[:, -1:]
-        return np.stack([text] + [text + deltas] * 3) if self.position_rows == 4 else text
+        if self.position_rows == 1:
+            return text
+        return np.stack(([text] if self.position_rows == 4 else []) + [text + deltas] * 3)
 
     def run_decoder(self, embeds, attention_mask, position_ids, past: list[np.ndarray]) -> list[np.ndarray]:
-        feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask.astype(np.int64),
-                 "position_ids": position_ids.astype(np.int64), **dict(zip(self.past_names, past, strict=True))}
+        feeds = {self.name("inputs_embeds"): embeds, self.name("attention_mask"): attention_mask.astype(np.int64),
+                 self.name("position_ids"): position_ids.astype(np.int64),
+                 **dict(zip(self.past_names, past, strict=True))}
         return self.decoder.run(self.output_names, feeds)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
@@ -249,8 +204,10 @@ class OnnxVlm:
         batch = input_ids.shape[0]
         eos = set(self.config["eos_token_id"] if eos_token_ids is None else eos_token_ids)
         pad = pad_token_id if pad_token_id is not None else self.config["pad_token_id"]
+        max_new_tokens = self._fit_context(input_ids.shape[1], max_new_tokens)
         embeds = self.embed_tokens(input_ids, self.encode_images(images))
-        position_ids, deltas = self.prefill_positions(input_ids, attention_mask)
+        grids = [image.grid_thw for image in images if isinstance(image, PreparedImage) and image.grid_thw]
+        position_ids, deltas = self.prefill_positions(input_ids, attention_mask, grids or None)
         logits, unsafe_prob, *past = self.run_decoder(embeds, attention_mask, position_ids, self.empty_cache(batch))
         sasa = self.config["sasa"]
         flagged = unsafe_prob > sasa["threshold"] if self.flaggable else np.zeros(batch, bool)
@@ -283,27 +240,44 @@ class OnnxVlm:
         new_tokens = np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), np.int64)
         return Generation(new_tokens, unsafe_prob, flagged, prefill_logits, step_logits)
 
-    # --- text in, text out
-    def render_prompt(self, prompt: str, with_image: bool) -> str:
-        """The chat template applied to one user turn (with jinja2 if installed, else the pre-rendered format)."""
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-        template = self.config.get("chat_template")
-        if template:
-            try:
-                return _render_jinja(template, [{"role": "user", "content": content}],
-                                     self.config.get("special_tokens", {}))
-            except ImportError:
-                pass
-        prefix, suffix = self.config["prompt_format"]["image" if with_image else "text"]
-        return prefix + prompt + suffix
+    def _fit_context(self, prompt_length: int, max_new_tokens: int) -> int:
+        """Refuse a prompt beyond the context length; shorten the answer budget to fit, with a warning."""
+        context = self.context_length
+        if not context:
+            return max_new_tokens
+        if prompt_length >= context:
+            raise PromptTooLongError(f"the prompt has {prompt_length} tokens; the model's context length is "
+                                     f"{context}: shorten the prompt")
+        if prompt_length + max_new_tokens > context:
+            allowed = context - prompt_length
+            warnings.warn(f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) exceed the context "
+                          f"length {context}: generating at most {allowed} tokens", stacklevel=3)
+            return allowed
+        return max_new_tokens
 
-    def encode_prompt(self, prompt: str, image=None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Token ids (image placeholder expanded to one token per image feature) and the pixel values."""
-        images = [preprocess_image(image, self.config)] if image is not None else []
-        text = self.render_prompt(prompt, image is not None)
-        token = self.config["image_token"]
+    # --- text in, text out
+    def render_prompt(self, prompt: str, with_image: bool | int) -> str:
+        """The chat template applied to one user turn with `with_image` images first (jinja2 if installed,
+        else the pre-rendered single-turn format, which holds at most one image)."""
+        return render_prompt(self.config, prompt, int(with_image))
+
+    def encode_prompt(self, prompt: str, image=None) -> tuple[np.ndarray, list[PreparedImage]]:
+        """Token ids (each image's placeholder expanded to its own feature count) and the prepared images.
+
+        `image`: None, one image (path or PIL image) or a list of them, shown before the text.
+        """
+        paths = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        images = [preprocess_image(path, self.config) for path in paths]
+        text = self.render_prompt(prompt, len(images))
+        token = self.config["image_token"] if images else None
         if images:
-            text = text.replace(token, token * self.config["image"]["tokens_per_image"])
+            pieces = text.split(token)
+            if len(pieces) - 1 != len(images):
+                raise ValueError(f"the chat template placed {len(pieces) - 1} image tokens for {len(images)} images")
+            merge = self.config["image"]["spatial_merge_size"]
+            counts = [image_tokens(i.grid_thw, merge) if i.grid_thw else self.config["image"]["tokens_per_image"]
+                      for i in images]
+            text = pieces[0] + "".join(token * count + piece for count, piece in zip(counts, pieces[1:], strict=True))
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids
         return np.array([ids], np.int64), images
 
@@ -320,6 +294,20 @@ class OnnxVlm:
                 break
             ids.append(token)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def render_prompt(config: dict, prompt: str, images: int) -> str:
+    """One user turn through the artifact's chat template; torch-free (jinja2 or the pre-rendered format)."""
+    content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
+    template = config.get("chat_template")
+    if template:
+        try:
+            return _render_jinja(template, [{"role": "user", "content": content}], config.get("special_tokens", {}))
+        except ImportError:
+            if images > 1:
+                raise ValueError("several images per prompt need jinja2 for the chat template") from None
+    prefix, suffix = config["prompt_format"]["image" if images else "text"]
+    return prefix + prompt + suffix
 
 
 def _render_jinja(template: str, messages: list[dict], special_tokens: dict) -> str:

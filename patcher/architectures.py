@@ -32,9 +32,17 @@ class ArchitectureSpec:
     """The interface every family implements; the class attributes are the facts, the methods the rules."""
 
     name: ClassVar[str]
-    # Rows of `position_ids` the decoder graph takes: 1 -> [batch, seq]; 4 -> [4, batch, seq]
-    # (the text row, then the temporal, height and width M-RoPE rows).
+    # Rows of `position_ids` the decoder graph takes: 1 -> [batch, seq]; 3 -> [3, batch, seq] (the
+    # temporal, height and width M-RoPE rows: ONNX Runtime GenAI's contract; the decoder derives the
+    # text positions from the attention mask, as transformers does when given three rows).
     position_rows: ClassVar[int]
+    # The vision graph takes any image size (pixel rows + `image_grid_thw`, several images per call);
+    # False: one fixed size per artifact.
+    dynamic_image_size: ClassVar[bool] = False
+    # ONNX Runtime GenAI's `model.type` that runs this family's graphs, or None (GenAI has no such type).
+    genai_type: ClassVar[str | None] = None
+    # Window attention in the vision tower (Qwen2.5-VL): the dynamic vision graph builds window segments.
+    window_attention: bool = False
     # The transformers processor class that cannot be built without torchvision (its video processor
     # needs it), or None; `patcher/processors.py` loads an image-only subclass of it on such machines.
     processor_needing_torchvision: type | None = None
@@ -72,8 +80,8 @@ class ArchitectureSpec:
     def position_doc(self) -> str:
         if self.position_rows == 1:
             return "int64 [batch, sequence_length]: cumsum of the attention mask - 1"
-        return (f"int64 [{self.position_rows}, batch, sequence_length]: row 0 the 1-D text position (cumsum of the "
-                "attention mask - 1), rows 1-3 the M-RoPE (temporal, height, width) positions")
+        return (f"int64 [{self.position_rows}, batch, sequence_length]: the M-RoPE (temporal, height, width) "
+                "positions (transformers' get_rope_index); text positions come from the attention mask")
 
 
 def _pixel_range(processor) -> tuple[int | None, int | None]:
@@ -82,15 +90,22 @@ def _pixel_range(processor) -> tuple[int | None, int | None]:
 
 
 class QwenVLSpec(ArchitectureSpec):
-    """Qwen2-VL and Qwen2.5-VL: patch-flattened pixels with a (t, h, w) grid, M-RoPE positions."""
+    """Qwen2-VL and Qwen2.5-VL: patch-flattened pixels with a (t, h, w) grid, M-RoPE positions.
 
-    position_rows = 4
+    Both run under GenAI's `qwen2_5_vl` type: GenAI never looks inside the vision graph, and the two
+    families share the processor (patching, normalisation) and the image M-RoPE positions.
+    """
+
+    position_rows = 3
+    dynamic_image_size = True
+    genai_type = "qwen2_5_vl"
     # 448x448 = 256 image tokens after the 2x2 merge: readable text at a modest prefill cost.
     default_size: ClassVar[tuple[int, int]] = (448, 448)
 
-    def __init__(self, name: str, processor_class: type):
+    def __init__(self, name: str, processor_class: type, window_attention: bool):
         self.name = name
         self.processor_needing_torchvision = processor_class
+        self.window_attention = window_attention
 
     def default_image_size(self, model, processor=None) -> tuple[int, int]:
         """448x448, clipped to the processor's pixel range."""
@@ -130,12 +145,16 @@ class QwenVLSpec(ArchitectureSpec):
 
     def preprocessing(self, model, image_processor, image_size: tuple[int, int]) -> dict[str, Any]:
         vision = model.config.vision_config
-        return {"resize": "exact", "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+        size = getattr(image_processor, "size", None) or {}
+        min_pixels = size.get("shortest_edge") or getattr(image_processor, "min_pixels", None) or 56 * 56
+        max_pixels = size.get("longest_edge") or getattr(image_processor, "max_pixels", None) or 28 * 28 * 1280
+        return {"resize": "smart", "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
+                "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
                 "merge_size": vision.spatial_merge_size}
 
     def resize_rule(self) -> str:
-        return ("every image is resized to the supported size (bicubic, aspect ratio not kept); "
-                "for an image of that size the pixels equal the transformers processor's")
+        return ("each image keeps its aspect ratio: transformers' smart_resize to multiples of patch x merge "
+                "within [min_pixels, max_pixels] (bicubic), as the transformers processor")
 
 
 class LlavaSpec(ArchitectureSpec):
@@ -174,8 +193,8 @@ class LlavaSpec(ArchitectureSpec):
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     spec.name: spec for spec in (
-        QwenVLSpec("qwen2_vl", Qwen2VLProcessor),
-        QwenVLSpec("qwen2_5_vl", Qwen2_5_VLProcessor),
+        QwenVLSpec("qwen2_vl", Qwen2VLProcessor, window_attention=False),
+        QwenVLSpec("qwen2_5_vl", Qwen2_5_VLProcessor, window_attention=True),
         LlavaSpec(),
     )
 }

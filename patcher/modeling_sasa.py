@@ -530,7 +530,9 @@ class _QwenVLAdapter(SasaMixin):
                 return position_ids[0], position_ids[1:]
             if position_ids.ndim == 2:
                 return position_ids, position_ids[None].expand(3, -1, -1)
-            return None, position_ids
+            # [3, B, T] M-RoPE rows (ONNX Runtime GenAI's contract): text positions from the mask
+            batch, seq_len = embeds.shape[:2]
+            return text_positions(attention_mask, past_length, seq_len, batch, embeds.device), position_ids
         batch, seq_len = embeds.shape[:2]
         text = text_positions(attention_mask, past_length, seq_len, batch, embeds.device)
         if past_length > 0:

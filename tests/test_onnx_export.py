@@ -108,7 +108,7 @@ def test_graph_interface_and_config(exported, mode):
     by_name = {value.name: value for value in (*decoder.graph.input, *decoder.graph.output)}
     assert axes(by_name["inputs_embeds"])[:2] == ["batch", "sequence_length"]
     assert axes(by_name["attention_mask"]) == ["batch", "total_sequence_length"]
-    assert axes(by_name["position_ids"]) == [4, "batch", "sequence_length"]
+    assert axes(by_name["position_ids"]) == [3, "batch", "sequence_length"]
     assert axes(by_name[expected_past[0]]) == ["batch", 2, "past_sequence_length", 16]
     assert axes(by_name["unsafe_prob"]) == ["batch"]
     # The prompt-only probe pass sits in an If on "past length == 0".
@@ -119,8 +119,56 @@ def test_graph_interface_and_config(exported, mode):
     assert config["sasa"]["mode"] == mode
     assert config["sasa"]["refusal_token_ids"] == [7, 8, 9, 1]
     assert config["cache"]["num_key_value_heads"] == 2 and config["cache"]["head_dim"] == 16
-    assert config["image"]["sizes"] == [[56, 56]] and config["image"]["tokens_per_image"] == 4
+    assert config["image"]["sizes"] == [[56, 56]] and config["image"]["dynamic"]
+    assert config["image"]["tokens_per_image"] is None and config["image"]["grid_thw"] is None
+    assert config["genai_type"] == ("qwen2_5_vl" if mode == "gate" else None)
     assert config["eos_token_id"] == [1]
+
+
+GRIDS = ([1, 4, 4], [1, 8, 12], [1, 16, 8], [1, 6, 6], [1, 14, 22])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_graph_takes_any_grid_and_several_images(exported, name):
+    """Square, wide, tall, partial-window grids one at a time and two or three per call, as the tower computes."""
+    model, out, _ = exported(name, "gate")
+    runtime = OnnxVlm(out, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(3)
+    for grids in [[grid] for grid in GRIDS] + [[GRIDS[1], GRIDS[2]], [GRIDS[3], GRIDS[0], GRIDS[4]]]:
+        grid = torch.tensor(grids)
+        pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=generator)
+        expected = model.sasa_image_features({"pixel_values": pixels, "image_grid_thw": grid}).numpy()
+        feeds = {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()}
+        assert np.abs(runtime.vision.run(None, feeds)[0] - expected).max() <= 1e-5, grids
+
+
+def two_image_case(grids: list[list[int]], text: int = 6) -> dict:
+    """One prompt with two images of different grids (placeholder counts from each grid), as the processor makes it."""
+    from tiny_models import IMAGE_TOKEN, VISION_END, VISION_START
+
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, IMAGE_TOKEN, (text,), generator=generator).tolist()
+    for grid in grids:
+        ids += [VISION_START] + [IMAGE_TOKEN] * (grid[0] * grid[1] * grid[2] // 4) + [VISION_END] + ids[:3]
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=generator)
+    input_ids = torch.tensor([ids])
+    return {"name": "two-images", "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": pixels, "image_grid_thw": grid,
+            "mm_token_type_ids": (input_ids == IMAGE_TOKEN).long()}
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_two_images_of_different_sizes_generate_like_pytorch(exported, name):
+    from sasa_patcher.export.onnx_parity import compare_case
+
+    model, out, _ = exported(name, "gate")
+    runtime = OnnxVlm(out, providers=["CPUExecutionProvider"])
+    figures = compare_case(model, runtime, two_image_case([[1, 8, 12], [1, 6, 4]]), max_new_tokens=8)
+    assert figures["images"] == 2 and figures["image_features_max_abs_diff"] <= 1e-5, figures
+    assert figures["logits_max_abs_diff"] <= LOGITS_TOLERANCE, figures
+    assert figures["unsafe_prob_max_abs_diff"] <= PROB_TOLERANCE and figures["tokens_identical"], figures
 
 
 @torch.no_grad()

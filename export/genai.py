@@ -1,0 +1,208 @@
+"""The ONNX directory as ONNX Runtime GenAI loads it (`og.Model(dir)`), and the gate in GenAI's own loop.
+
+For families whose spec names a GenAI type (Qwen2-VL and Qwen2.5-VL both run as `qwen2_5_vl`) the
+export adds, next to the graphs and `sasa_onnx.json`:
+
+    genai_config.json             GenAI's model description: graph files, tensor names, token ids
+                                  (the project's runtime reads graph and tensor names from it too)
+    genai_processor_config.json   GenAI's image processor (onnxruntime-extensions transforms), named
+                                  through `vision.config_filename` so it does not clash with the
+                                  transformers `processor_config.json` of the checkpoint
+    tokenizer.json, tokenizer_config.json (with the chat template)
+
+GenAI rejects unknown keys in `genai_config.json`, so the SASA facts (threshold, refusal, mode) stay
+in `sasa_onnx.json`. GenAI manages one KV cache: only gate-mode artifacts get a GenAI config.
+`unsafe_prob` is an extra decoder output that GenAI binds by itself; read it right after the first
+`generate_next_token()` (the prompt step); later steps overwrite it with -1 ("not computed").
+
+The gate with GenAI alone (`d` is the ONNX directory; the threshold is read from the artifact):
+
+    import onnxruntime_genai as og
+    from sasa_patcher.export.genai import read_gate
+    gate = read_gate(d)                               # threshold and refusal text stored at export
+    model = og.Model(d); processor = model.create_multimodal_processor(); tokenizer = og.Tokenizer(model)
+    inputs = processor(prompt, images=og.Images.open(*paths) if paths else None)
+    params = og.GeneratorParams(model); params.set_search_options(max_length=4096)
+    generator = og.Generator(model, params); generator.set_inputs(inputs)
+    generator.generate_next_token()                   # the prompt step computes the probe
+    if gate.refuses(float(generator.get_output("unsafe_prob")[0])): print(gate.refusal_text)
+    else:
+        tokens = [generator.get_next_tokens()[0]]
+        while not generator.is_done(): generator.generate_next_token(); tokens.append(generator.get_next_tokens()[0])
+        print(tokenizer.decode(tokens))
+
+`prompt` is the chat-templated text with one `<|vision_start|><|image_pad|><|vision_end|>` per image.
+This module imports neither torch nor onnxruntime_genai at import time: the generate CLI uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sasa_patcher.export.onnx_names import CONFIG_NAME
+
+GENAI_CONFIG_NAME = "genai_config.json"
+GENAI_PROCESSOR_NAME = "genai_processor_config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+PAST_PATTERN = "past.original.%d.{kind}"
+PRESENT_PATTERN = "present.original.%d.{kind}"
+SESSION_OPTIONS = {"log_id": "onnxruntime-genai", "provider_options": []}
+
+
+# ----- reading the artifact (torch-free) ----------------------------------------------------------
+@dataclass(frozen=True)
+class Gate:
+    """The stored gate: refuse when `unsafe_prob > threshold` (gate mode with a threshold only)."""
+
+    threshold: float | None
+    refusal_text: str
+    mode: str
+
+    def refuses(self, unsafe_prob: float) -> bool:
+        return self.mode == "gate" and self.threshold is not None and unsafe_prob > self.threshold
+
+
+def read_gate(onnx_dir) -> Gate:
+    """Threshold, refusal text and mode from the artifact's `sasa_onnx.json` (never copied by hand)."""
+    sasa = json.loads((Path(onnx_dir) / CONFIG_NAME).read_text())["sasa"]
+    return Gate(sasa["threshold"], sasa["refusal_text"], sasa["mode"])
+
+
+def has_genai_config(onnx_dir) -> bool:
+    return (Path(onnx_dir) / GENAI_CONFIG_NAME).is_file()
+
+
+def graphs_from_genai(genai: dict[str, Any]) -> dict[str, Any]:
+    """The runtime's view of the graphs (files, tensor names, decoder I/O order) from `genai_config.json`."""
+    model = genai["model"]
+    decoder, embedding, vision = model["decoder"], model["embedding"], model["vision"]
+    layers = range(decoder["num_hidden_layers"])
+    inputs, outputs = decoder["inputs"], decoder["outputs"]
+    past = [inputs[f"past_{kind}_names"] % layer for layer in layers for kind in ("key", "value")]
+    present = [outputs[f"present_{kind}_names"] % layer for layer in layers for kind in ("key", "value")]
+    return {
+        "vision_encoder": {"file": vision["filename"], "names": {**vision["inputs"], **vision["outputs"]}},
+        "embed_tokens": {"file": embedding["filename"], "names": {**embedding["inputs"], **embedding["outputs"]}},
+        "decoder": {
+            "file": decoder["filename"],
+            "names": {key: inputs[key] for key in ("inputs_embeds", "attention_mask", "position_ids")},
+            "inputs": [inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"], *past],
+            "outputs": [outputs["logits"], "unsafe_prob", *present],
+            "position_rows": 3,
+        },
+    }
+
+
+# ----- writing the artifact (called by the exporter; takes the built sasa_onnx.json config) -------
+def _pad_token(config: dict[str, Any], tokenizer, prompts: list[str]) -> int:
+    """A pad id that never occurs in a templated prompt: GenAI masks every pad id out of the prompt.
+
+    (SmolLM2's pad is `<|im_end|>`, which every chat turn contains.)
+    """
+    used = {token for prompt in prompts for token in tokenizer(prompt, add_special_tokens=False).input_ids}
+    candidates = [config["pad_token_id"], *getattr(tokenizer, "all_special_ids", []), *config["eos_token_id"]]
+    return next((token for token in candidates if token not in used), config["pad_token_id"])
+
+
+def genai_config(config: dict[str, Any], vision_config, genai_type: str, pad_token_id: int) -> dict[str, Any]:
+    """GenAI's model description for the three graphs of `config` (the built `sasa_onnx.json`)."""
+    cache, graphs = config["cache"], config["graphs"]
+    eos = config["eos_token_id"]
+    return {
+        "model": {
+            "type": genai_type,
+            "bos_token_id": config.get("bos_token_id", eos[0]),
+            "eos_token_id": eos,
+            "pad_token_id": pad_token_id,
+            "context_length": config["context_length"],
+            "vocab_size": config["vocab_size"],
+            "image_token_id": config["image"]["image_token_id"],
+            "video_token_id": config["image"]["video_token_id"],
+            "vision_start_token_id": config["image"]["vision_start_token_id"],
+            "decoder": {
+                "session_options": SESSION_OPTIONS, "filename": graphs["decoder"]["file"],
+                "head_size": cache["head_dim"], "hidden_size": config["hidden_size"],
+                "num_attention_heads": config["num_attention_heads"],
+                "num_hidden_layers": cache["num_hidden_layers"], "num_key_value_heads": cache["num_key_value_heads"],
+                "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": PAST_PATTERN.format(kind="key"),
+                           "past_value_names": PAST_PATTERN.format(kind="value")},
+                "outputs": {"logits": "logits", "present_key_names": PRESENT_PATTERN.format(kind="key"),
+                            "present_value_names": PRESENT_PATTERN.format(kind="value")},
+            },
+            "embedding": {
+                "session_options": SESSION_OPTIONS, "filename": graphs["embed_tokens"]["file"],
+                "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+                "outputs": {"inputs_embeds": "inputs_embeds"},
+            },
+            "vision": {
+                "session_options": SESSION_OPTIONS, "filename": graphs["vision_encoder"]["file"],
+                "config_filename": GENAI_PROCESSOR_NAME,
+                "spatial_merge_size": vision_config.spatial_merge_size,
+                "tokens_per_second": float(getattr(vision_config, "tokens_per_second", None) or 2.0),
+                "patch_size": vision_config.patch_size,
+                "inputs": {"pixel_values": "pixel_values", "image_grid_thw": "image_grid_thw"},
+                "outputs": {"image_features": "image_features"},
+            },
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": config["context_length"], "min_length": 0, "no_repeat_ngram_size": 0,
+                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def processor_definition(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """GenAI's Qwen image processor with the model's own constants (smart resize, CLIP mean/std).
+
+    `smart_resize: 1` makes the Resize step ignore its width/height and resize each image from its own
+    size as transformers does; measured equal to `Qwen2VLImageProcessorPil` within 5e-7.
+    """
+    patch, merge = preprocessing["patch_size"], preprocessing["merge_size"]
+    transforms = [
+        ("decode_image", "DecodeImage", {"color_space": "RGB"}),
+        ("convert_to_rgb", "ConvertRGB", None),
+        ("resize", "Resize", {"width": 540, "height": 360, "smart_resize": 1,
+                              "min_pixels": preprocessing["min_pixels"], "max_pixels": preprocessing["max_pixels"],
+                              "patch_size": patch, "merge_size": merge}),
+        ("rescale", "Rescale", {"rescale_factor": preprocessing["rescale_factor"]}),
+        ("normalize", "Normalize", {"mean": preprocessing["image_mean"], "std": preprocessing["image_std"],
+                                    "qwen2_5_vl": 1}),
+        ("patch_image", "PatchImage", {"patch_size": patch, "temporal_patch_size": preprocessing["temporal_patch_size"],
+                                       "merge_size": merge}),
+    ]
+    operations = [{"operation": {"name": name, "type": kind, **({"attrs": attrs} if attrs else {})}}
+                  for name, kind, attrs in transforms]
+    return {"processor": {"name": "qwen2_5_image_processor", "transforms": operations}}
+
+
+def write_tokenizer_files(tokenizer, chat_template: str | None, out_dir: Path) -> None:
+    """`tokenizer.json` + `tokenizer_config.json` with the chat template inline (onnxruntime-extensions reads both)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        shutil.copyfile(Path(scratch) / "tokenizer.json", out_dir / "tokenizer.json")
+        settings = json.loads((Path(scratch) / TOKENIZER_CONFIG_NAME).read_text())
+    if chat_template:
+        settings["chat_template"] = chat_template
+    (out_dir / TOKENIZER_CONFIG_NAME).write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_genai_files(config: dict[str, Any], model, processor, out_dir: Path) -> list[str]:
+    """Write GenAI's config, processor and tokenizer files; return their names."""
+    from sasa_patcher.export.onnx_config import render_user_turn
+
+    tokenizer = processor.tokenizer
+    prompts = [render_user_turn(processor, "x", images) for images in (0, 1)]
+    pad = _pad_token(config, tokenizer, [prompt for prompt in prompts if prompt])
+    spec_type = config["genai_type"]
+    files = {GENAI_CONFIG_NAME: genai_config(config, model.config.vision_config, spec_type, pad),
+             GENAI_PROCESSOR_NAME: processor_definition(config["preprocessing"])}
+    for name, content in files.items():
+        (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+    write_tokenizer_files(tokenizer, config.get("chat_template"), out_dir)
+    return [*files, "tokenizer.json", TOKENIZER_CONFIG_NAME]
