@@ -39,6 +39,8 @@ from transformers import (
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
@@ -47,7 +49,7 @@ from transformers import (
 from sasa_patcher.cache import user_cache_dir
 from sasa_patcher.errors import UserInputError
 
-EMBEDDED_MODELS: tuple[str, ...] = ("smol-qwen-vl", "smol-llava")
+EMBEDDED_MODELS: tuple[str, ...] = ("smol-qwen-vl", "smol-llava", "smol-qwen2.5-vl")
 SMOLLM2_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -66,6 +68,7 @@ class EmbeddedProvenance:
 EMBEDDED_PROVENANCE: dict[str, EmbeddedProvenance] = {
     "smol-qwen-vl": EmbeddedProvenance("apache-2.0", (SMOLLM2_SOURCE,)),
     "smol-llava": EmbeddedProvenance("apache-2.0", (SMOLLM2_SOURCE,)),
+    "smol-qwen2.5-vl": EmbeddedProvenance("apache-2.0", (SMOLLM2_SOURCE,)),
 }
 
 # Bump whenever the build below changes what lands on disk: cached builds with another number are rebuilt.
@@ -199,8 +202,20 @@ def _graft_language_model(language_model: torch.nn.Module, source: LlamaForCausa
             language_model.get_parameter(key).zero_()
 
 
-def _build_qwen(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, out: Path) -> PreTrainedModel:
-    """Qwen2-VL body; writes the tokenizer, chat template and processor config into `out`."""
+# Qwen2.5-VL's tower: window attention (112 px windows = 4x4 merged tokens, so a 224x224 image has 4
+# windows) with full attention in blocks 1 and 3, RMSNorm and a gated MLP, as the real tower; small.
+QWEN25_VISION = {"depth": 4, "hidden_size": 128, "intermediate_size": 256, "num_heads": 4, "window_size": 112,
+                 "fullatt_block_indexes": [1, 3]}
+
+
+def _build_qwen25(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, out: Path) -> PreTrainedModel:
+    """Qwen2.5-VL body (window-attention tower): same text graft, tokens and processor as smol-qwen-vl."""
+    return _build_qwen(tokenizer, source, out, family="qwen2_5_vl")
+
+
+def _build_qwen(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, out: Path,
+                family: str = "qwen2_vl") -> PreTrainedModel:
+    """Qwen2-VL (or Qwen2.5-VL) body; writes the tokenizer, chat template and processor config into `out`."""
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
     tokenizer.chat_template = _chat_template(QWEN_IMAGE_MARKER)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
@@ -223,7 +238,13 @@ def _build_qwen(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, ou
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
-    config = Qwen2VLConfig(
+    config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, "Qwen2VLProcessor"
+    if family == "qwen2_5_vl":
+        vision = {**{key: vision[key] for key in ("patch_size", "spatial_merge_size", "temporal_patch_size")},
+                  **QWEN25_VISION, "out_hidden_size": source.config.hidden_size}
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        processor_class = "Qwen2_5_VLProcessor"
+    config = config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
@@ -234,7 +255,7 @@ def _build_qwen(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, ou
         dtype="float32",
     )
     torch.manual_seed(SEED)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = model_class(config)
     _graft_language_model(model.model.language_model, source)
 
     image_processor = Qwen2VLImageProcessorPil(
@@ -249,7 +270,7 @@ def _build_qwen(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, ou
     # loads it, with the matching video processor, wherever torchvision is installed.
     video_config = {key: image_config[key] for key in ("size", "patch_size", "temporal_patch_size", "merge_size")}
     processor_config = {
-        "processor_class": "Qwen2VLProcessor",
+        "processor_class": processor_class,
         "image_processor": image_config,
         "video_processor": {"video_processor_type": "Qwen2VLVideoProcessor", **video_config},
     }
@@ -309,7 +330,7 @@ def _build_llava(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, o
     return model
 
 
-_BUILDERS = {"smol-qwen-vl": _build_qwen, "smol-llava": _build_llava}
+_BUILDERS = {"smol-qwen-vl": _build_qwen, "smol-llava": _build_llava, "smol-qwen2.5-vl": _build_qwen25}
 
 
 def _check_text_parity(model: PreTrainedModel, source: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase) -> float:

@@ -27,7 +27,8 @@ from sasa_patcher.processors import load_processor
 
 pytestmark = pytest.mark.integration
 
-STANDARD_PROCESSOR = {"smol-qwen-vl": "Qwen2VLProcessor", "smol-llava": "LlavaProcessor"}
+STANDARD_PROCESSOR = {"smol-qwen-vl": "Qwen2VLProcessor", "smol-llava": "LlavaProcessor",
+                      "smol-qwen2.5-vl": "Qwen2_5_VLProcessor"}
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _typographic_image() -> Image.Image:
 def test_image_prompt_runs_and_placeholders_match_features(embedded: Embedded) -> None:
     content = [{"type": "image", "image": _typographic_image()}, {"type": "text", "text": "What does it say?"}]
     inputs = _chat_inputs(embedded.processor, content)
-    if embedded.name == "smol-qwen-vl":
+    if embedded.name.startswith("smol-qwen"):
         assert "mm_token_type_ids" in inputs  # transformers 5 needs it for M-RoPE with images
     vision_inputs = {key: inputs[key] for key in ("pixel_values", "image_grid_thw") if key in inputs}
     with torch.no_grad():
