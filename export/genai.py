@@ -206,3 +206,64 @@ def write_genai_files(config: dict[str, Any], model, processor, out_dir: Path) -
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
     write_tokenizer_files(tokenizer, config.get("chat_template"), out_dir)
     return [*files, "tokenizer.json", TOKENIZER_CONFIG_NAME]
+
+
+# ----- serving with GenAI (the generate CLI's GenAI path; torch-free) ------------------------------
+def genai_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+class GenAiVlm:
+    """Greedy answers through ONNX Runtime GenAI's own loop, gated with the stored threshold."""
+
+    def __init__(self, onnx_dir):
+        import onnxruntime_genai as og
+
+        from sasa_patcher.export.onnx_runtime import ArtifactError, load_config
+
+        self.og, self.dir = og, Path(onnx_dir)
+        self.config = load_config(self.dir)  # the same checks as the ONNX Runtime path
+        try:
+            self.model = og.Model(str(self.dir))
+            self.processor = self.model.create_multimodal_processor()
+            self.tokenizer = og.Tokenizer(self.model)
+        except Exception as error:  # noqa: BLE001 - GenAI raises RuntimeError/OSError with long messages
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ArtifactError(f"ONNX Runtime GenAI cannot load {self.dir}: {first}") from None
+        self.gate = read_gate(self.dir)
+        self.context_length = json.loads((self.dir / GENAI_CONFIG_NAME).read_text())["model"]["context_length"]
+
+    def answer(self, prompt: str, images: list | None = None, max_new_tokens: int = 256) -> str:
+        import warnings
+
+        from sasa_patcher.export.onnx_preprocess import open_image
+        from sasa_patcher.export.onnx_runtime import PromptTooLongError, render_prompt
+
+        images = [str(path) for path in images or []]
+        for path in images:  # one clear error for unreadable images, as in the ONNX Runtime path
+            open_image(path)
+        text = render_prompt(self.config, prompt, len(images))
+        inputs = self.processor(text, images=self.og.Images.open(*images) if images else None)
+        length = inputs["input_ids"].as_numpy().shape[-1]
+        if length >= self.context_length:
+            raise PromptTooLongError(f"the prompt has {length} tokens; the model's context length is "
+                                     f"{self.context_length}: shorten the prompt")
+        if length + max_new_tokens > self.context_length:
+            warnings.warn(f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the context length "
+                          f"{self.context_length}: generating at most {self.context_length - length} tokens",
+                          stacklevel=2)
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=min(length + max_new_tokens, self.context_length), do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.set_inputs(inputs)
+        generator.generate_next_token()  # the prompt step: the probe's verdict
+        if self.gate.refuses(float(generator.get_output("unsafe_prob")[0])):
+            return self.gate.refusal_text
+        eos = set(self.config["eos_token_id"])
+        tokens = [int(generator.get_next_tokens()[0])]
+        while not generator.is_done() and tokens[-1] not in eos:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return self.tokenizer.decode([token for token in tokens if token not in eos])

@@ -36,7 +36,8 @@ SCRIPT = ROOT / "scripts" / "generate_onnx.py"
 TINY_SIZE = (56, 56)  # 4x4 patches of 14 -> 4 merged image tokens
 PROMPT = "w10 w20 w30 w41 w52"
 # What the generate script may import besides the standard library.
-ALLOWED_THIRD_PARTY = {"onnxruntime", "numpy", "tokenizers", "PIL", "jinja2", "markupsafe", "sasa_patcher"}
+ALLOWED_THIRD_PARTY = {"onnxruntime", "onnxruntime_genai", "numpy", "tokenizers", "PIL", "jinja2", "markupsafe",
+                       "sasa_patcher"}
 
 TINY_SPECIAL = {
     "<pad>": tiny_models.PAD, "<|im_end|>": tiny_models.EOS, "<|image_pad|>": tiny_models.IMAGE_TOKEN,
@@ -133,19 +134,26 @@ def test_qwen_pixels_equal_the_hf_processor(artifact, mode):
     config = json.loads((artifact.onnx / CONFIG_NAME).read_text())
     image = make_image(mode=mode)
     expected = artifact.processor.image_processor(images=[image], return_tensors="np")
-    assert expected["image_grid_thw"].tolist() == [config["image"]["grid_thw"]]
-    pixels = preprocess_image(image, config)
+    prepared = preprocess_image(image, config)
+    assert expected["image_grid_thw"].tolist() == [list(prepared.grid_thw)]
+    pixels = prepared.pixel_values
     assert pixels.dtype == np.float32 and pixels.shape == expected["pixel_values"].shape
     assert np.abs(pixels - expected["pixel_values"]).max() <= 1e-6
 
 
-def test_other_image_sizes_are_resized_to_the_supported_size(artifact):
-    """Any size: resized (bicubic) to the supported size, then exactly the processor's pixels for that image."""
-    config = json.loads((artifact.onnx / CONFIG_NAME).read_text())
-    image = make_image((90, 37))
-    resized = image.resize(TINY_SIZE[::-1], resample=Image.Resampling.BICUBIC)
-    expected = artifact.processor.image_processor(images=[resized], return_tensors="np")["pixel_values"]
-    assert np.abs(preprocess_image(image, config) - expected).max() <= 1e-6
+@pytest.mark.parametrize("size", [(90, 37), (200, 120), (150, 90), (600, 500), (20, 30)])
+def test_every_image_keeps_its_own_size_as_the_processor_resizes_it(size):
+    """smart_resize within [min_pixels, max_pixels], aspect ratio kept: the processor's grid and pixels."""
+    model = tiny_model()
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 160},
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    config = build_config(model, SimpleNamespace(image_processor=image_processor),
+                          spec_for(model).image_layout(model, TINY_SIZE), TINY_SIZE)
+    image = make_image(size)
+    expected = image_processor(images=[image], return_tensors="np")
+    prepared = preprocess_image(image, config)
+    assert [list(prepared.grid_thw)] == expected["image_grid_thw"].tolist()
+    assert np.abs(prepared.pixel_values - expected["pixel_values"]).max() <= 1e-6
 
 
 @pytest.mark.parametrize("size", [(40, 33), (28, 60), (28, 28)])
@@ -159,7 +167,7 @@ def test_clip_pixels_equal_the_hf_processor(size):
                           image_size)
     image = make_image(size)
     expected = clip(images=[image], return_tensors="np")["pixel_values"]
-    pixels = preprocess_image(image, config)
+    pixels = preprocess_image(image, config).pixel_values
     assert pixels.shape == expected.shape == (1, 3, *image_size)
     assert np.abs(pixels - expected).max() <= 1e-6
 
@@ -191,7 +199,7 @@ def test_prompt_ids_equal_the_hf_processor(artifact, with_image, monkeypatch):
     ids, images = runtime.encode_prompt(PROMPT, image)
     assert ids.tolist() == expected["input_ids"].tolist()
     if with_image:
-        assert np.abs(images[0] - expected["pixel_values"]).max() <= 1e-6
+        assert np.abs(images[0].pixel_values - expected["pixel_values"]).max() <= 1e-6
 
 
 # ----- the script, torch unimportable ------------------------------------------------------------------
@@ -248,3 +256,54 @@ def test_script_answers_like_pytorch_on_the_embedded_model(tmp_path):
         result = run_script(tmp_path / "out", *args, tmp_path=tmp_path)
         print(f"\n{prompt!r} -> {result.stdout.strip()!r}")
         assert result.stdout == expected + "\n"
+
+
+# ----- bad input: one clear line and exit status 2, in both runtimes -----------------------------------
+def bad_artifacts(source: Path, tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
+    """name -> (artifact dir, extra CLI args, expected message fragment)."""
+    from sasa_patcher.export.onnx_runtime import load_config
+
+    def copy(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(source, target)
+        return target
+
+    not_an_image = tmp_path / "not-an-image.png"
+    not_an_image.write_bytes(b"this is not a PNG file")
+    truncated = copy("truncated")
+    decoder = truncated / load_config(truncated)["graphs"]["decoder"]["file"]
+    decoder.write_bytes(decoder.read_bytes()[: decoder.stat().st_size // 3])
+    no_graphs = copy("no-graphs")
+    (no_graphs / "genai_config.json").unlink(missing_ok=True)
+    config = json.loads((no_graphs / CONFIG_NAME).read_text())
+    config.pop("graphs", None)
+    (no_graphs / CONFIG_NAME).write_text(json.dumps(config))
+    context = json.loads((source / CONFIG_NAME).read_text())["context_length"]
+    return {
+        "undecodable-image": (source, ["--image", str(not_an_image)], "cannot read image"),
+        "truncated-graph": (truncated, [], "cannot load"),
+        "config-without-graphs": (no_graphs, [], "graphs"),
+        "prompt-beyond-context": (source, ["--prompt", " ".join(["w10"] * (context + 50))], "context length"),
+    }
+
+
+@pytest.mark.parametrize("case", ["undecodable-image", "truncated-graph", "config-without-graphs",
+                                  "prompt-beyond-context"])
+def test_bad_input_is_one_error_line_and_exit_2(artifact, tmp_path, capsys, case):
+    from sasa_patcher.cli.generate_onnx import main
+
+    directory, extra, message = bad_artifacts(artifact.onnx, tmp_path)[case]
+    args = [str(directory), "--prompt", PROMPT, "--cpu", "--runtime", "onnxruntime", *extra]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error:") and message in captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_answer_budget_is_cut_to_the_context_with_a_warning(artifact):
+    runtime = OnnxVlm(artifact.onnx, providers=["CPUExecutionProvider"])
+    context = runtime.context_length
+    ids = np.full((1, context - 3), 10, np.int64)
+    with pytest.warns(UserWarning, match="context length"):
+        result = runtime.generate(ids, np.ones_like(ids), [], max_new_tokens=20, eos_token_ids=[])
+    assert result.tokens.shape[1] == 3

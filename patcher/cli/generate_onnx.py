@@ -6,6 +6,11 @@ Prints the answer and nothing else on stdout (diagnostics go to stderr). Greedy 
 mode a prompt whose unsafe_prob passes the artifact's threshold is answered with its refusal text.
 Needs only onnxruntime (onnxruntime-gpu for CUDA), numpy, tokenizers and Pillow; jinja2, when
 installed, renders the chat template. ARTIFACT_DIR is the ONNX directory or its parent.
+
+Runtime: ONNX Runtime GenAI (its own processor and generation loop) when `onnxruntime_genai` is
+installed and the artifact has a `genai_config.json` (gate-mode Qwen artifacts), else the project's
+numpy + ONNX Runtime loop; `--runtime` picks one. Neither imports torch. Bad input (unreadable image,
+damaged artifact, prompt beyond the context length) ends with one `error:` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,14 +19,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from sasa_patcher.export.onnx_runtime import OnnxVlm, default_providers
+from sasa_patcher.export.genai import GenAiVlm, genai_installed, has_genai_config
+from sasa_patcher.export.onnx_runtime import (
+    ArtifactError,
+    ImageError,
+    OnnxVlm,
+    PromptTooLongError,
+    default_providers,
+    find_onnx_dir,
+)
+
+USER_ERRORS = (FileNotFoundError, ArtifactError, ImageError, PromptTooLongError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR", help="patch output directory or its onnx/")
     parser.add_argument("--prompt", required=True, help="the user's message")
-    parser.add_argument("--image", type=Path, help="an image file (resized to the artifact's supported size)")
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="an image file, shown before the prompt (repeat for several; Qwen artifacts take any "
+                             "size, LLaVA resizes to its one size)")
+    parser.add_argument("--runtime", choices=("auto", "genai", "onnxruntime"), default="auto",
+                        help="auto: ONNX Runtime GenAI when installed and the artifact has genai_config.json")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--cpu", action="store_true", help="use the CPU provider even when CUDA is available")
     return parser
@@ -32,15 +51,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         print("error: --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
-    if args.image is not None and not args.image.is_file():
-        print(f"error: image {args.image} does not exist", file=sys.stderr)
-        return 2
-    providers = ["CPUExecutionProvider"] if args.cpu else default_providers()
+    for image in args.image:
+        if not image.is_file():
+            print(f"error: image {image} does not exist", file=sys.stderr)
+            return 2
     try:
-        runtime = OnnxVlm(args.artifact, providers=providers)
-    except FileNotFoundError as error:
+        runtime = _runtime(args)
+        answer = runtime.answer(args.prompt, args.image or None, args.max_new_tokens)
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(runtime.answer(args.prompt, args.image, args.max_new_tokens))
+    print(answer)
     return 0
+
+
+def _runtime(args: argparse.Namespace):
+    """GenAI where asked or possible (auto falls back, with a note, when GenAI cannot load the artifact)."""
+    onnx_dir = find_onnx_dir(args.artifact)
+    use_genai = args.runtime == "genai" or (args.runtime == "auto" and genai_installed() and has_genai_config(onnx_dir))
+    if use_genai:
+        try:
+            return GenAiVlm(onnx_dir)
+        except ArtifactError as error:
+            if args.runtime == "genai":
+                raise
+            print(f"note: {error}; using ONNX Runtime", file=sys.stderr)
+    providers = ["CPUExecutionProvider"] if args.cpu else default_providers()
+    return OnnxVlm(onnx_dir, providers=providers)
 
