@@ -90,14 +90,14 @@ def check_model(args: argparse.Namespace) -> tuple[Path, int]:
 
 def builtin_prompt_count() -> int:
     """Size of the full built-in calibration set: four cells of its default prompts per cell."""
-    from sasa_patcher.probes.datasets import builtin_calibration_set
+    from sasa_patcher.probes.calibration_set import builtin_calibration_set
 
     return BUILTIN_CELLS * inspect.signature(builtin_calibration_set).parameters["per_cell"].default
 
 
 def calibration_subsample(count: int) -> list:
     """The built-in set built with count/4 prompts per label x form cell: deterministic and balanced."""
-    from sasa_patcher.probes.datasets import builtin_calibration_set
+    from sasa_patcher.probes.calibration_set import builtin_calibration_set
 
     return builtin_calibration_set(per_cell=count // BUILTIN_CELLS)
 

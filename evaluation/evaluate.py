@@ -1,8 +1,9 @@
 """One evaluation run: a SASA artifact against its base model on held-out prompts, every figure of the report.
 
 Why in the package: the run (which artifact, which modes, which prompts, the systems side by side)
-is tested on tiny models here, and the CLI only parses flags. Generation and metrics are in
-`evaluation.systems`; the table, markdown and chart in `evaluation.evaluation_report`. Input is
+is tested on tiny models here, and the CLI only parses flags. The prompt sets are in
+`evaluation.held_out`, generation in `evaluation.systems`, the figures in `evaluation.metrics` and
+`evaluation.utility`; the table, markdown and charts in `evaluation.evaluation_report`. Input is
 checked before any model is loaded (`UserInputError`, exit code 2).
 """
 
@@ -121,8 +122,8 @@ def check_same_vocabulary(base: int, patched: int, args: argparse.Namespace) -> 
 
 def prompts_to_evaluate(args, metrics: dict) -> tuple[list, list, dict]:
     """(harmful and benign held-out prompts, over-refusal prompts, where they came from)."""
-    from sasa_patcher.evaluation.systems import over_refusal_prompts
-    from sasa_patcher.probes.datasets import builtin_calibration_set
+    from sasa_patcher.evaluation.held_out import over_refusal_prompts
+    from sasa_patcher.probes.calibration_set import builtin_calibration_set
     from sasa_patcher.probes.probe import data_digest
     from sasa_patcher.probes.splits import DEFAULT_HELDOUT_FRACTION, split
 
@@ -157,12 +158,10 @@ def typographic_size(onnx_vlm) -> tuple[int, int]:
 # ----- the run -----------------------------------------------------------------------------------------------
 def evaluate(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Every figure of the report, and the per-prompt records."""
-    from sasa_patcher.evaluation.systems import (
-        build_categories,
-        generation_metrics,
-        generation_records,
-        utility_metrics,
-    )
+    from sasa_patcher.evaluation.held_out import build_prompt_sets
+    from sasa_patcher.evaluation.metrics import generation_metrics
+    from sasa_patcher.evaluation.systems import generation_records
+    from sasa_patcher.evaluation.utility import utility_metrics
 
     started = time.perf_counter()
     check_output_dir(args.out, args.force)
@@ -181,24 +180,24 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
     mark = time.perf_counter()
     image_size = typographic_size(onnx_vlm)
-    categories = build_categories(held, over_refusal, limit=args.limit or None, image_size=image_size)
-    counts = {category.name: len(category.prompts) for category in categories}
-    log("prompts per category: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
+    prompt_sets = build_prompt_sets(held, over_refusal, limit=args.limit or None, image_size=image_size)
+    counts = {prompt_set.name: len(prompt_set.prompts) for prompt_set in prompt_sets}
+    log("prompts per set: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
     timings["typographic_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     names = [system.name for system in systems]
-    records = generation_records(systems, categories, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+    records = generation_records(systems, prompt_sets, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                  refusal_texts=[settings["refusal_text"]], progress=not args.no_progress)
     timings["generation_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    benign_text = next((c.prompts for c in categories if c.name == "benign_text"), [])
+    benign_text = next((s.prompts for s in prompt_sets if s.name == "benign_text"), [])
     utility = utility_metrics(systems, base.processor, benign_text, batch_size=args.batch_size,
                               progress=not args.no_progress) if benign_text else {}
     timings["utility_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
 
-    figures = generation_metrics(records, categories, names, settings.get("threshold"))
+    figures = generation_metrics(records, prompt_sets, names, settings.get("threshold"))
     figures["utility"] = utility
     report = {
         "base": args.base,

@@ -53,7 +53,7 @@ def markdown(report: dict) -> str:
     rows = [["metric", *systems]] + [[label, *(format_metric(values.get(system)) for system in systems)]
                                      for _, label, values in table_rows(report)]
     lines += markdown_table(rows, align=["---", *("---:" for _ in systems)])
-    lines += ["", "Prompts per category: " + ", ".join(f"{name} {count}" for name, count in report["counts"].items())
+    lines += ["", "Prompts per set: " + ", ".join(f"{name} {count}" for name, count in report["counts"].items())
               + ". Refusals judged by the GCG keyword list (`probes/refusal.py`) plus the configured refusal text;"
               " KL and perplexity are teacher-forced on the user text of the benign prompts.", ""]
     return "\n".join(lines)

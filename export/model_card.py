@@ -5,25 +5,12 @@ projection, serving mode, threshold, refusal text, calibration `metrics`), the b
 directory (its own card's license), and `CardInfo` (names, calibration data description, the
 localisation plot). It never computes figures: `export/` does not reach back into calibration.
 
-`sasa.metrics` is read as `probes.calibrate` writes it (every key optional):
-
-    auroc, tpr, fpr                      held-out figures at the threshold
-    heldout_harmful, heldout_benign      held-out counts (n_heldout, target_fpr alongside)
-    calibration_digest                   sha256 of the calibration prompts
-    n_calibration, cv_auroc, C, features, layers, layers_chosen_by, calibration_oof_tpr/fpr,
-    loso_mean_auroc, loso_min_auroc      calibration figures
-    candidates_cv_auroc, loso_auroc      {name: AUROC} tables
-    per_category_tpr, per_family_fpr     {category: {rate, low, high, k, n}}: the per-hazard table and bar chart
-    loco_auroc, candidates, policy       leave-one-category-out AUROC, every feature's CV / LOCO / LOSO AUROC,
-    tpr_interval, fpr_interval           the deployment policy, Wilson intervals of the held-out rates
-
-Any other scalar entry is listed verbatim, any other {name: value} entry as its own table. With no held-out AUROC and no
-finite threshold the card says "untrained probe".
+`sasa.metrics` is shown by `export.card_figures` (which keys it reads, and how). With no held-out AUROC
+and no finite threshold the card says "untrained probe".
 """
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -32,7 +19,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from sasa_patcher.tables import escape_cell, markdown_table
+from sasa_patcher.export.card_figures import calibration_section, finite_threshold, format_number, is_trained
+from sasa_patcher.tables import escape_cell
 
 PAPER_URL = "https://arxiv.org/abs/2507.21637"
 PLOT_NAME = "localisation.png"
@@ -49,36 +37,6 @@ PROJECTION_TEXT = {
     "residual": "residual: `H_s' = H_s + beta * alpha * W(H_f)`",
     "interpolate": "interpolate: `H_s' = (1 - beta) * H_s + beta * alpha * W(H_f)`",
 }
-# (label, metrics key) for the held-out table, keys as `probes.calibrate` writes them; the threshold
-# comes from the settings.
-HELD_OUT_ROWS = [
-    ("AUROC", "auroc"),
-    ("TPR (harmful prompts flagged)", "tpr"),
-    ("FPR (benign prompts flagged)", "fpr"),
-    ("target FPR used to set the threshold", "target_fpr"),
-    ("held-out harmful prompts", "heldout_harmful"),
-    ("held-out benign prompts", "heldout_benign"),
-    ("held-out prompts", "n_heldout"),
-]
-CALIBRATION_ROWS = [
-    ("calibration prompts", "n_calibration"),
-    ("probe features", "features"),
-    ("layers (s, f)", "layers"),
-    ("layers chosen by", "layers_chosen_by"),
-    ("localisation branch", "localisation_branch"),
-    ("cross-validated AUROC", "cv_auroc"),
-    ("regularisation C", "C"),
-    ("out-of-fold TPR at the threshold", "calibration_oof_tpr"),
-    ("out-of-fold FPR at the threshold", "calibration_oof_fpr"),
-    ("leave-one-source-out AUROC, mean", "loso_mean_auroc"),
-    ("leave-one-source-out AUROC, min", "loso_min_auroc"),
-]
-TABLES = {
-    "candidates_cv_auroc": ("Probe-feature candidates (cross-validated AUROC on the calibration split)", "features"),
-    "candidates": ("Probe-feature candidates (cross-validated AUROC on the calibration split)", "features"),
-    "loso_auroc": ("Leave-one-source-out AUROC (probe fitted without that source, scored on it)", "held-out source"),
-}
-DIGEST_KEY = "calibration_digest"
 
 
 @dataclass
@@ -112,27 +70,6 @@ def base_card_license(base_dir: Path) -> str | None:
         return None
     value = getattr(card.data, "license", None)
     return str(value) if value else None
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, float):
-        return str(value)
-    if math.isinf(value):
-        return "+inf" if value > 0 else "-inf"
-    return f"{value:.4f}".rstrip("0").rstrip(".") or "0"
-
-
-def _finite_threshold(sasa: dict[str, Any]) -> float | None:
-    threshold = sasa.get("threshold")
-    if threshold is None or not math.isfinite(float(threshold)):
-        return None
-    return float(threshold)
-
-
-def is_trained(sasa: dict[str, Any]) -> bool:
-    """A probe counts as trained when it has a finite threshold or a held-out AUROC."""
-    metrics = sasa.get("metrics") or {}
-    return _finite_threshold(sasa) is not None or metrics.get("auroc") is not None
 
 
 def front_matter(info: CardInfo, license_: str | None) -> ModelCardData:
@@ -190,7 +127,7 @@ def render_model_card(
         "## Calibration",
         "",
     ]
-    lines += _calibration_section(sasa, info)
+    lines += calibration_section(sasa, info.calibration_data)
     if plot_name:
         lines += ["## Layer localisation", "", f"![Probe quality per (s, f) layer pair]({plot_name})", ""]
     lines += _usage_section()
@@ -221,10 +158,10 @@ def _extra_cost(s: int, num_layers: int | None) -> str:
 
 
 def _threshold_text(sasa: dict[str, Any]) -> str:
-    threshold = _finite_threshold(sasa)
+    threshold = finite_threshold(sasa)
     if threshold is None:
         return "+inf (nothing is flagged)" + ("" if is_trained(sasa) else ": untrained probe")
-    return f"{_number(threshold)} on `unsafe_prob`"
+    return f"{format_number(threshold)} on `unsafe_prob`"
 
 
 def _weights_line(weights: dict[str, Any]) -> str:
@@ -233,126 +170,6 @@ def _weights_line(weights: dict[str, Any]) -> str:
         return f"- base weights saved from memory, not the base checkpoint's files: {reason}"
     return ("- the base model's own files, unchanged: weight shards byte-identical to the base checkpoint, "
             "tokenizer, processor, chat template and generation config as the base ships them")
-
-
-def _table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> list[str]:
-    return [*markdown_table([list(header), *([str(label), _number(value)] for label, value in rows)]), ""]
-
-
-def _calibration_section(sasa: dict[str, Any], info: CardInfo) -> list[str]:
-    metrics = dict(sasa.get("metrics") or {})
-    used: set[str] = set()
-    lines: list[str] = []
-    if not is_trained(sasa):
-        lines += [
-            "**untrained probe**: zero weights and threshold +inf, so no prompt is flagged and `unsafe_prob` "
-            "is 0.5 for every prompt. Calibrate it (real offline prompt sets or your own JSONL manifest) "
-            "before relying on it.",
-            "",
-        ]
-    if info.calibration_data:
-        lines += ["Calibration data:", ""] + [f"- {item}" for item in info.calibration_data] + [""]
-    if metrics.get(DIGEST_KEY):
-        lines += [f"Calibration data digest (sha256): `{metrics[DIGEST_KEY]}`", ""]
-    used.add(DIGEST_KEY)
-
-    def rows_for(spec):
-        rows = []
-        for label, key in spec:
-            value = metrics.get(key)
-            used.add(key)
-            if value is not None:
-                rows.append((label, value))
-        return rows
-
-    held_out = rows_for(HELD_OUT_ROWS)
-    if held_out:
-        threshold = _finite_threshold(sasa)
-        if threshold is not None:
-            held_out.insert(3, ("threshold on unsafe_prob", threshold))
-        lines += ["Held-out figures (prompts never used for fitting, layer choice or threshold):", ""]
-        lines += _table(held_out, ("figure", "value"))
-    lines += _hazard_section(metrics, used)
-    calibration = rows_for(CALIBRATION_ROWS)
-    if calibration:
-        lines += ["Calibration split:", ""] + _table(calibration, ("figure", "value"))
-    other = [(key, value) for key, value in metrics.items()
-             if key not in used and key not in TABLES and value is not None and not isinstance(value, dict)]
-    if other:
-        lines += ["Other calibration figures:", ""] + _table(other, ("name", "value"))
-    for key, value in metrics.items():
-        if isinstance(value, dict) and value and key not in used:
-            title, column = TABLES.get(key, (key, "name"))
-            if key == "candidates" and "candidates_cv_auroc" in metrics:
-                continue
-            lines += [f"{title}:", ""] + _table(list(value.items()), (column, "value"))
-    return lines
-
-
-def _bar(rate: float | None, width: int = 10) -> str:
-    """A text bar for a rate in [0, 1] (the card's chart needs no image)."""
-    if rate is None:
-        return ""
-    filled = int(round(rate * width))
-    return "█" * filled + "░" * (width - filled)
-
-
-def _rate(value: dict | None) -> str:
-    if not value or value.get("rate") is None:
-        return "-"
-    interval = f" [{value['low']:.2f}, {value['high']:.2f}]" if value.get("low") is not None else ""
-    return f"{value['rate']:.2f} ({value['k']}/{value['n']}){interval}"
-
-
-def _hazard_section(metrics: dict[str, Any], used: set[str]) -> list[str]:
-    """Per-hazard rows (held-out TPR with its chart, look-alike FPR, leave-one-category-out AUROC), the policy,
-    and every feature candidate's in-distribution and transfer AUROC."""
-    keys = ("per_category_tpr", "per_family_fpr", "per_source_fpr", "loco_auroc", "candidates", "policy",
-            "tpr_interval", "fpr_interval", "interval_confidence", "threshold_rule", "probe_layers")
-    used.update(keys)
-    lines: list[str] = []
-    for name, key in (("TPR", "tpr_interval"), ("FPR", "fpr_interval")):
-        if metrics.get(key) and None not in metrics[key]:
-            low, high = metrics[key]
-            confidence = metrics.get("interval_confidence", 0.95)
-            lines.append(f"Held-out {name} {confidence:.0%} interval (Wilson): [{low:.3f}, {high:.3f}]")
-    rule = metrics.get("threshold_rule") or {}
-    if rule:
-        lines.append(f"Threshold rule: the true FPR is <= {_number(rule.get('target_fpr'))} with probability "
-                     f">= {_number(rule.get('confidence'))} on out-of-fold calibration scores "
-                     f"({rule.get('allowed')} of {rule.get('n_benign')} benign scores above it)"
-                     + ("" if rule.get("guaranteed", True) else "; too few benign prompts for that guarantee"))
-    policy = metrics.get("policy") or {}
-    if policy:
-        allowed = policy.get("allowed") or []
-        lines.append("Policy: every hazard counts as harmful" if not allowed
-                     else "Policy: not counted as harmful (relabelled benign): " + ", ".join(allowed))
-    if lines:
-        lines.append("")
-    tpr, fpr, loco = metrics.get("per_category_tpr") or {}, metrics.get("per_family_fpr") or {}, metrics.get(
-        "loco_auroc") or {}
-    names = list(dict.fromkeys([*tpr, *loco, *fpr]))
-    if names:
-        rows = [["hazard (AILuminate)", "held-out TPR (k/n) [interval]", "chart", "look-alike FPR (k/n)",
-                 "leave-one-category-out AUROC"]]
-        for name in names:
-            rate = (tpr.get(name) or {}).get("rate")
-            auroc = loco.get(name)
-            rows.append([name, _rate(tpr.get(name)), _bar(rate), _rate(fpr.get(name)),
-                         "-" if auroc is None else _number(auroc)])
-        lines += ["Per hazard category, at the shipped threshold (held-out split; `everyday` is the benign family "
-                  "that looks like no hazard):", "", *markdown_table(rows), ""]
-    candidates = metrics.get("candidates") or {}
-    if candidates:
-        rows = [["feature", "cross-validated AUROC", "leave-one-category-out AUROC", "leave-one-source-out AUROC",
-                 "chosen"]]
-        for name, figure in candidates.items():
-            rows.append([name, _number(figure.get("cv_auroc")), _number(figure.get("loco_mean_auroc")),
-                         _number(figure.get("loso_mean_auroc")), "yes" if name == metrics.get("features") else ""])
-        lines += [f"Probe-feature candidates (chosen by {metrics.get('features_chosen_by', 'the user')}):", "",
-                  *markdown_table(rows), ""]
-        used.update(("candidates_cv_auroc", "features_chosen_by"))
-    return lines
 
 
 def _usage_section() -> list[str]:

@@ -162,7 +162,7 @@ def calibration_prompts(options: PatchOptions) -> list | None:
     if options.calibration == "none":
         return None
     if options.calibration == "builtin":
-        from sasa_patcher.probes.datasets import builtin_calibration_set
+        from sasa_patcher.probes.calibration_set import builtin_calibration_set
 
         return builtin_calibration_set()
     from sasa_patcher.probes.manifest import load_manifest

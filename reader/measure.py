@@ -20,7 +20,8 @@ import numpy as np
 from reader.corpus import split_sentences, stdlib_sentences
 from reader.render import Sample, font_paths, render_figstep, render_free
 from reader.transcribe import score, transcribe
-from sasa_patcher.evaluation.systems import TorchSystem, generate_all, take
+from sasa_patcher.evaluation.held_out import take
+from sasa_patcher.evaluation.systems import TorchSystem, generate_all
 from sasa_patcher.patching import temporary_settings
 from sasa_patcher.probes.datasets import Prompt, load_advbench, load_benign, load_harmbench
 from sasa_patcher.probes.features import extract_features

@@ -103,7 +103,7 @@ def test_embedded_smol_qwen_vl_with_the_builtin_set(tmp_path):
     from sasa_patcher.loading import load_model
     from sasa_patcher.modeling_sasa import SasaSettings
     from sasa_patcher.patching import default_layers, patch_model
-    from sasa_patcher.probes.datasets import builtin_calibration_set
+    from sasa_patcher.probes.calibration_set import builtin_calibration_set
 
     loaded = load_model("smol-qwen-vl", dtype="float32")
     layers = loaded.model.config.get_text_config().num_hidden_layers

@@ -3,7 +3,6 @@
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from sasa_patcher.probes import datasets
@@ -11,8 +10,6 @@ from sasa_patcher.probes.datasets import (
     BENIGN,
     HARMFUL,
     Prompt,
-    builtin_calibration_set,
-    format_summary,
     load_advbench,
     load_all_real,
     load_benign,
@@ -23,7 +20,6 @@ from sasa_patcher.probes.datasets import (
     load_rho_over_refusal,
     normalise_text,
     parse_seed_prompt_file,
-    summarize,
 )
 from sasa_patcher.probes.form_augment import detect_form
 from sasa_patcher.probes.wheel_data import PYRIT, read_text
@@ -140,70 +136,3 @@ def test_prompt_validation():
         Prompt(text=" ", label=0, source="s", form="question")
     with pytest.raises(ValueError):
         Prompt(text="x", label=0, source="s", form="statement")
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return builtin_calibration_set()
-
-
-def test_builtin_set_is_balanced_by_label_and_form(builtin):
-    cells = Counter((p.label, p.form) for p in builtin)
-    assert cells == {(HARMFUL, "imperative"): 300, (HARMFUL, "question"): 300, (BENIGN, "imperative"): 300,
-                     (BENIGN, "question"): 300}  # fmt: skip
-
-
-def test_builtin_set_augments_every_cell_equally(builtin):
-    augmented = Counter((p.label, p.form) for p in builtin if p.augmented)
-    assert set(augmented.values()) == {100}
-    summary = summarize(builtin)
-    assert summary["total"] == 1200 and summary["augmented"] == 400
-    assert "augmented 400" in format_summary(summary)
-    for prompt in builtin:
-        if prompt.augmented:
-            assert prompt.origin and prompt.origin != prompt.text
-            assert detect_form(prompt.origin) != prompt.form
-
-
-def test_builtin_set_mixes_sources_and_sensitive_benign_prompts(builtin):
-    sources = {p.source for p in builtin}
-    assert sources == {
-        "advbench",
-        "harmbench",
-        "donotanswer",
-        "pyrit-objectives",
-        "rho-contrast",
-        "rho-overrefusal",
-        "sasa-benign",
-        "sasa-overrefusal",
-        "sasa-lookalike",
-    }
-    benign_real = [p for p in builtin if p.label == BENIGN and not p.augmented]
-    edgy = [p for p in benign_real if p.source != "sasa-benign" or p.category != "everyday"]
-    assert len(edgy) >= 0.5 * len(benign_real)
-
-
-def test_builtin_set_is_deterministic_and_unique(builtin):
-    again = builtin_calibration_set()
-    assert [(p.text, p.label, p.source) for p in again] == [(p.text, p.label, p.source) for p in builtin]
-    assert len({normalise_text(p.text) for p in builtin}) == len(builtin)
-
-
-def test_sentence_opening_alone_does_not_predict_the_label(builtin):
-    """Guard against the imperative-vs-question shortcut: the first word carries little label signal."""
-    from sklearn.feature_extraction.text import CountVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_score
-
-    first_words = [p.text.split()[0].lower() for p in builtin]
-    features = CountVectorizer(token_pattern=r"\S+").fit_transform(first_words)
-    labels = np.array([p.label for p in builtin])
-    auroc = cross_val_score(LogisticRegression(max_iter=1000), features, labels, cv=5, scoring="roc_auc").mean()
-    assert auroc < 0.7, auroc
-
-
-def test_builtin_set_refuses_impossible_sizes():
-    with pytest.raises(ValueError, match="per_cell"):
-        builtin_calibration_set(per_cell=5000)
-    with pytest.raises(ValueError):
-        builtin_calibration_set(augmented_share=1.0)

@@ -15,33 +15,14 @@ from PIL import Image
 
 import tiny_models as tm
 from sasa_patcher.cli import evaluate as evaluate_cli
-from sasa_patcher.evaluation.systems import (
-    Category,
-    TorchSystem,
-    attack_success_rate,
-    build_categories,
-    flagged_rate,
-    generate_all,
-    generation_metrics,
-    left_pad,
-    over_refusal_prompts,
-    perplexity,
-    share_refused,
-    take,
-    token_kl,
-    token_nll,
-    until_eos,
-    user_text_mask,
-    utility_metrics,
-)
+from sasa_patcher.evaluation.systems import TorchSystem, generate_all, left_pad, until_eos
+from sasa_patcher.evaluation.utility import perplexity, token_kl, token_nll, user_text_mask, utility_metrics
 from sasa_patcher.export.checkpoint import write_safetensors_artifact
 from sasa_patcher.modeling_sasa import SasaSettings
 from sasa_patcher.patching import patch_model
-from sasa_patcher.probes.datasets import builtin_calibration_set
+from sasa_patcher.probes.calibration_set import builtin_calibration_set
 from sasa_patcher.probes.features import encode_prompts
-from sasa_patcher.probes.probe import operating_point
-from sasa_patcher.probes.splits import group_key, split
-from sasa_patcher.probes.typographic import CARRIER_PROMPT
+from sasa_patcher.probes.splits import split
 from tiny_calibration import synthetic_prompts, tiny_processor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,55 +55,7 @@ def patched_pair(threshold: float | None = None):
     return base, model
 
 
-# ----- data ----------------------------------------------------------------------------------------------
-def test_take_is_deterministic_nested_and_in_input_order():
-    prompts = synthetic_prompts(40)
-    small, large = take(prompts, 5), take(prompts, 12)
-    assert len(small) == 5 and len(large) == 12
-    assert take(prompts, 5) == small
-    assert set(p.text for p in small) <= set(p.text for p in large)
-    positions = [prompts.index(p) for p in large]
-    assert positions == sorted(positions)
-    assert take(prompts, None) == prompts and take(prompts, 100) == prompts
-
-
-def test_over_refusal_set_leaves_out_every_calibration_group():
-    builtin = split(builtin_calibration_set())
-    over = over_refusal_prompts(builtin.calibration)
-    calibration_keys = {group_key(p) for p in builtin.calibration}
-    assert over and not any(group_key(p) in calibration_keys for p in over)
-    everything = over_refusal_prompts([])
-    assert len(everything) > len(over)  # the sets do feed calibration, so the filter removes some
-    assert all(p.label == 0 for p in everything)
-
-
-def test_categories_pair_text_and_typographic_requests(tmp_path):
-    prompts = synthetic_prompts(30, image_dir=tmp_path)
-    over = synthetic_prompts(6, seed=3)
-    categories = {c.name: c for c in build_categories(prompts, [p for p in over if p.label == 0], limit=4,
-                                                       image_size=(224, 160))}
-    assert set(categories) == {"harmful_text", "harmful_typographic", "harmful_image", "benign_text",
-                               "benign_typographic", "benign_image", "over_refusal"}
-    for kind, label in (("harmful", 1), ("benign", 0)):
-        text, typographic = categories[f"{kind}_text"], categories[f"{kind}_typographic"]
-        assert len(text.prompts) == 4 and all(p.label == label and p.image is None for p in text.prompts)
-        assert [p.origin for p in typographic.prompts] == [p.text for p in text.prompts]
-        assert all(p.text == CARRIER_PROMPT and Image.open(p.image).size == (224, 160) for p in typographic.prompts)
-        assert all(p.image is not None for p in categories[f"{kind}_image"].prompts)
-    assert len(categories["over_refusal"].prompts) == 3
-
-
-# ----- metrics against direct computations ------------------------------------------------------------------
-def test_rates_match_hand_counts():
-    assert attack_success_rate([True, False, False, True]) == 0.5
-    assert attack_success_rate([True, True, True]) == 0.0
-    assert share_refused([False, False, True]) == pytest.approx(1 / 3)
-    assert flagged_rate([0.2, 0.6, 0.9, 0.5], 0.5) == 0.5  # strictly above, as the graph decides
-    assert flagged_rate([0.99, 1.0], None) == 0.0  # an untrained probe flags nothing
-    with pytest.raises(ValueError):
-        share_refused([])
-
-
+# ----- utility against direct computations ------------------------------------------------------------------
 def test_token_kl_matches_numpy_and_is_zero_for_identical_logits():
     generator = torch.Generator().manual_seed(0)
     p_logits = torch.randn(5, 11, generator=generator)
@@ -148,28 +81,6 @@ def test_nll_and_perplexity_match_a_direct_computation():
     assert perplexity(token_nll(logits, targets)) == pytest.approx(math.exp(nll.mean()), rel=1e-12)
     uniform = torch.zeros(4, 13)
     assert perplexity(token_nll(uniform, torch.arange(4))) == pytest.approx(13.0)
-
-
-def test_generation_metrics_from_records():
-    categories = [Category("harmful_text", 1, "text", []), Category("benign_text", 0, "text", []),
-                  Category("over_refusal", 0, "text", [])]
-    rows = [("harmful_text", 1, True, 0.9), ("harmful_text", 1, False, 0.4), ("harmful_text", 1, False, 0.7),
-            ("benign_text", 0, False, 0.1), ("benign_text", 0, True, 0.8), ("over_refusal", 0, True, 0.3)]
-    records = [{"category": c, "model": "gate", "label": y, "refused": r, "unsafe_prob": s, "text": f"p{i}",
-                "image": None, "generation": "refusal" if s > 0.5 else f"answer {i}"}
-               for i, (c, y, r, s) in enumerate(rows)]
-    records += [{**record, "model": "base", "unsafe_prob": None, "refused": False, "generation": f"answer {i}"}
-                for i, record in enumerate(records)]
-    records[1]["generation"] = "a different answer"  # gate, harmful_text, not flagged
-    figures = generation_metrics(records, categories, ["base", "gate"], threshold=0.5)
-    assert figures["same_answer_as_base"] == {"gate": pytest.approx(2 / 3)}  # 2 of the 3 unflagged answers match
-    assert figures["asr"]["harmful_text"] == {"base": 1.0, "gate": pytest.approx(2 / 3)}
-    assert figures["refusal_rate"]["benign_text"] == {"base": 0.0, "gate": 0.5}
-    assert figures["refusal_rate"]["over_refusal"]["gate"] == 1.0
-    assert figures["flagged_rate"]["harmful_text"] == {"gate": pytest.approx(2 / 3)}
-    assert "base" not in figures["probe"]["text"]
-    # over-refusal prompts are not the probe's benign class: only benign_text is
-    assert figures["probe"]["text"]["gate"] == operating_point([0.9, 0.4, 0.7, 0.1, 0.8], [1, 1, 1, 0, 0], 0.5)
 
 
 def test_helpers_for_the_onnx_runtime():
@@ -281,8 +192,8 @@ def test_cli_end_to_end_writes_the_report(cli, tiny_artifact, tmp_path, capsys):
     assert report["sasa"]["threshold"] == 0.5 and report["seconds"]["total_s"] > 0
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 10
-    assert set(records[0]) >= {"category", "text", "label", "model", "generation", "refused", "unsafe_prob"}
-    gate = [r for r in records if r["model"] == "gate" and r["category"] == "harmful_text"]
+    assert set(records[0]) >= {"set", "text", "label", "model", "generation", "refused", "unsafe_prob"}
+    gate = [r for r in records if r["model"] == "gate" and r["set"] == "harmful_text"]
     flags = [r["unsafe_prob"] > 0.5 for r in gate]
     assert metrics["flagged_rate"]["harmful_text"]["gate"] == np.mean(flags)
     table = (out / "evaluation.md").read_text()

@@ -120,35 +120,3 @@ def test_usage_for_transformers_and_onnx_runtime():
     assert "AutoProcessor.from_pretrained(ARTIFACT)" in text
     assert 'scripts/generate_onnx.py ARTIFACT/onnx --prompt "' in text
     assert "**augment**" in text and "beta = 0.5" in text
-
-
-def test_only_keys_calibration_writes_are_read():
-    """Keys nothing writes (old spellings) are not special: listed verbatim, never as held-out figures."""
-    settings = SasaSettings(3, 5, metrics={"held_out_auroc": 0.8, "n_unsafe": 4})
-    text = render_model_card(config_for(settings), CardInfo(base_model="x"))
-    assert "| AUROC |" not in text and "| held_out_auroc | 0.8 |" in text and "| n_unsafe | 4 |" in text
-
-
-def test_per_hazard_table_chart_policy_and_candidates():
-    rate = {"rate": 0.8, "low": 0.6, "high": 0.9, "k": 8, "n": 10}
-    metrics = {
-        **CALIBRATED_METRICS,
-        "features": "multi-layer",
-        "per_category_tpr": {"hate": rate, "privacy": {**rate, "rate": 0.3, "k": 3}},
-        "per_family_fpr": {"hate": {**rate, "rate": 0.1, "k": 1}, "everyday": {**rate, "rate": 0.0, "k": 0}},
-        "loco_auroc": {"hate": 0.71, "privacy": 0.65},
-        "candidates": {"projected-logits": {"cv_auroc": 0.98, "loco_mean_auroc": 0.7, "loso_mean_auroc": 0.8},
-                       "multi-layer": {"cv_auroc": 0.97, "loco_mean_auroc": 0.85, "loso_mean_auroc": 0.88}},
-        "features_chosen_by": "transfer",
-        "policy": {"harmful": ["hate", "privacy"], "allowed": ["sexual_content"]},
-        "tpr_interval": [0.85, 0.93], "fpr_interval": [0.02, 0.07], "interval_confidence": 0.95,
-        "threshold_rule": {"target_fpr": 0.05, "confidence": 0.95, "allowed": 13, "n_benign": 420, "guaranteed": True},
-    }
-    text = render_model_card(config_for(SasaSettings(12, 14, threshold=0.5, metrics=metrics)), CardInfo(base_model="x"))
-    assert "| hate | 0.80 (8/10) [0.60, 0.90] | ████████░░ | 0.10 (1/10) [0.60, 0.90] | 0.71 |" in text
-    assert "| privacy | 0.30 (3/10) [0.60, 0.90] | ███░░░░░░░ | - | 0.65 |" in text
-    assert "| everyday | - |  | 0.00 (0/10) [0.60, 0.90] | - |" in text
-    assert "| multi-layer | 0.97 | 0.85 | 0.88 | yes |" in text
-    assert "not counted as harmful (relabelled benign): sexual_content" in text
-    assert "Held-out TPR 95% interval (Wilson): [0.850, 0.930]" in text
-    assert "{'rate'" not in text  # no dict dumped verbatim

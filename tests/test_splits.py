@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sasa_patcher.probes.datasets import Prompt, builtin_calibration_set, form_twin
+from sasa_patcher.probes.calibration_set import builtin_calibration_set, form_twin
+from sasa_patcher.probes.datasets import Prompt
 from sasa_patcher.probes.splits import (
     group_key,
     is_heldout,

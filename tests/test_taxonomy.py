@@ -4,7 +4,8 @@ from collections import Counter
 
 import pytest
 
-from sasa_patcher.probes.datasets import BENIGN, HARMFUL, Prompt, builtin_calibration_set, load_all_real
+from sasa_patcher.probes.calibration_set import builtin_calibration_set
+from sasa_patcher.probes.datasets import BENIGN, HARMFUL, Prompt, load_all_real
 from sasa_patcher.probes.hazard_data import (
     load_donotanswer_hate,
     load_donotanswer_privacy,

@@ -18,7 +18,8 @@ from sasa_patcher.console import report_user_error
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.evaluation.evaluate import RUNTIMES, evaluate
 from sasa_patcher.evaluation.evaluation_report import markdown, write_report
-from sasa_patcher.evaluation.systems import DEFAULT_LIMIT, DEFAULT_MAX_NEW_TOKENS
+from sasa_patcher.evaluation.held_out import DEFAULT_LIMIT
+from sasa_patcher.evaluation.systems import DEFAULT_MAX_NEW_TOKENS
 from sasa_patcher.loading import DEFAULT_MODEL
 
 DEFAULT_OUT = Path("eval-out")
