@@ -1,6 +1,7 @@
-"""The evaluation report: the metrics table (rows = figures, columns = systems), its markdown and chart, the files.
+"""The evaluation report: the metrics table (rows = figures, columns = systems), the per-category table
+(rows = hazards and benign families), their markdown and charts, the files.
 
-Why apart from the run: the same rows feed the markdown table and the chart, and the files are
+Why apart from the run: the same rows feed the markdown tables and the charts, and the files are
 written together (atomically) so a report is never half there. Tables come from the one table
 helper, per-prompt records through the one JSONL writer.
 """
@@ -56,7 +57,32 @@ def markdown(report: dict) -> str:
     lines += ["", "Prompts per set: " + ", ".join(f"{name} {count}" for name, count in report["counts"].items())
               + ". Refusals judged by the GCG keyword list (`probes/refusal.py`) plus the configured refusal text;"
               " KL and perplexity are teacher-forced on the user text of the benign prompts.", ""]
+    for modality in report["metrics"].get("by_category", {}):
+        lines += [f"#### Per hazard and benign family, {modality} prompts", "",
+                  "Harmful prompts by hazard (flagged = TPR), benign prompts by the family they look like, the "
+                  "over-refusal set included (flagged = FPR); the probe at the artifact's threshold, refusals per "
+                  "system.", "", *markdown_table(category_rows(report, modality)), ""]
     return "\n".join(lines)
+
+
+def patched_systems(report: dict) -> list[str]:
+    """The systems with a probe (the base has none), in report order."""
+    figures = report["metrics"].get("by_category", {})
+    scored = {system for sides in figures.values() for table in sides.values() for entry in table.values()
+              for system in entry["flagged_rate"]}
+    return [system for system in report["systems"] if system in scored]
+
+
+def category_rows(report: dict, modality: str) -> list[list[str]]:
+    """The per-category table of one modality: header, then one row per hazard and per benign family."""
+    systems, patched = report["systems"], patched_systems(report)
+    rows = [["side", "category", "n", *(f"flagged, {s}" for s in patched), *(f"refused, {s}" for s in systems)]]
+    for side, table in report["metrics"]["by_category"][modality].items():
+        for category, entry in table.items():
+            rows.append([side, category, str(entry["n"]),
+                         *(format_metric(entry["flagged_rate"].get(s)) for s in patched),
+                         *(format_metric(entry["refusal_rate"].get(s)) for s in systems)])
+    return rows
 
 
 CHART_ROWS = ("asr/harmful_text", "asr/harmful_typographic", "asr/harmful_image", "refusal/benign_text",
@@ -90,10 +116,48 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_categories(report: dict, path: Path, modality: str = "text") -> bool:
+    """Horizontal bars per hazard (left) and benign family (right): the probe's flagged rate and each
+    system's refusal rate. False (nothing written) when the modality has no per-category figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    sides = report["metrics"].get("by_category", {}).get(modality)
+    if not sides:
+        return False
+    patched = patched_systems(report)
+    series = [(f"flagged ({patched[0]})", "flagged_rate", patched[0])] if patched else []
+    series += [(f"refused ({system})", "refusal_rate", system) for system in report["systems"]]
+    tallest = max(len(table) for table in sides.values())
+    figure, axes = plt.subplots(1, len(sides), figsize=(5.5 * len(sides), 1.6 + 0.32 * tallest * len(series) / 2),
+                                constrained_layout=True, squeeze=False)
+    height = 0.8 / len(series)
+    for axis, (side, table) in zip(axes[0], sides.items(), strict=True):
+        names = list(table)
+        for index, (label, key, system) in enumerate(series):
+            values = [table[name][key].get(system) for name in names]
+            positions = [row + (index - (len(series) - 1) / 2) * height for row in range(len(names))]
+            axis.barh(positions, [math.nan if v is None else v for v in values], height, label=label)
+        axis.set_yticks(range(len(names)), [f"{name} ({table[name]['n']})" for name in names], fontsize=8)
+        axis.invert_yaxis()
+        axis.set_xlim(0, 1.05)
+        axis.set_title(f"{side} ({'TPR' if side == 'harmful' else 'FPR'} = flagged), {modality}", fontsize=10)
+        axis.grid(axis="x", alpha=0.3)
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=len(series),
+                  fontsize=8)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
 def write_report(report: dict, records: list[dict], out: Path, force: bool) -> None:
-    """evaluation.json, evaluation.md, evaluation.png and generations.jsonl, moved into place together."""
+    """evaluation.json, evaluation.md, evaluation.png, categories.png (when the prompts carry categories) and
+    generations.jsonl, moved into place together."""
     with atomic_output_dir(out, force) as staging:
         (staging / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (staging / "evaluation.md").write_text(markdown(report), encoding="utf-8")
         plot(report, staging / "evaluation.png")
+        plot_categories(report, staging / "categories.png")
         write_jsonl(staging / "generations.jsonl", records)

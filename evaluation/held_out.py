@@ -7,6 +7,8 @@
 - Prompt sets: harmful and benign text prompts; the same requests as FigStep-style typographic image
   prompts (`probes.typographic`), so text and image attacks are paired; the user's own image prompts
   when a manifest has any; and the over-refusal set. `take` picks a deterministic subset per set.
+  Every prompt keeps its hazard `category` (`probes.taxonomy`), so the figures can also be grouped
+  per hazard and per benign family (`evaluation.metrics.category_metrics`).
 """
 
 from __future__ import annotations

@@ -142,7 +142,8 @@ def generation_records(
 ) -> list[dict]:
     """One record per (system, prompt): what `generations.jsonl` holds and every generation metric reads.
 
-    `set` is the prompt set (`evaluation.held_out`).
+    `set` is the prompt set (`evaluation.held_out`), `category` the prompt's hazard category
+    (`probes.taxonomy`; None for a user's row without one) and `source_label` the source's own tag.
     """
     records = []
     for system in systems:
@@ -154,6 +155,8 @@ def generation_records(
                     "set": prompt_set.name,
                     "model": system.name,
                     "label": int(prompt.label),
+                    "category": prompt.category,
+                    "source_label": prompt.source_label,
                     "text": prompt.text,
                     "request": prompt.origin or prompt.text,
                     "image": None if prompt.image is None else str(prompt.image),

@@ -177,14 +177,15 @@ def test_cli_end_to_end_writes_the_report(cli, tiny_artifact, tmp_path, capsys):
                      "--batch-size", "2", "--no-progress"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "evaluation.md", "evaluation.png",
-                                                     "generations.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["categories.png", "evaluation.json", "evaluation.md",
+                                                     "evaluation.png", "generations.jsonl"]
     report = json.loads((out / "evaluation.json").read_text())
     assert report["systems"] == ["base", "gate", "augment"] and report["runtime"] == "safetensors"
     assert report["counts"] == {"harmful_text": 2, "harmful_typographic": 2, "benign_text": 2,
                                 "benign_typographic": 2, "over_refusal": 2}
     metrics = report["metrics"]
-    assert set(metrics) == {"asr", "refusal_rate", "flagged_rate", "probe", "same_answer_as_base", "utility"}
+    assert set(metrics) == {"asr", "refusal_rate", "flagged_rate", "probe", "by_category", "same_answer_as_base",
+                            "utility"}
     assert metrics["same_answer_as_base"]["gate"] == 1.0
     assert set(metrics["asr"]) == {"harmful_text", "harmful_typographic"}
     assert set(metrics["probe"]) == {"text", "typographic"} and set(metrics["probe"]["text"]) == {"gate", "augment"}
@@ -192,13 +193,27 @@ def test_cli_end_to_end_writes_the_report(cli, tiny_artifact, tmp_path, capsys):
     assert report["sasa"]["threshold"] == 0.5 and report["seconds"]["total_s"] > 0
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 10
-    assert set(records[0]) >= {"set", "text", "label", "model", "generation", "refused", "unsafe_prob"}
+    assert set(records[0]) >= {"set", "category", "source_label", "text", "label", "model", "generation", "refused",
+                               "unsafe_prob"}
     gate = [r for r in records if r["model"] == "gate" and r["set"] == "harmful_text"]
     flags = [r["unsafe_prob"] > 0.5 for r in gate]
     assert metrics["flagged_rate"]["harmful_text"]["gate"] == np.mean(flags)
+    # per hazard: the held-out harmful text prompts of that hazard, flagged at the artifact's threshold
+    harmful = metrics["by_category"]["text"]["harmful"]
+    assert sum(entry["n"] for entry in harmful.values()) == 2 and all(r["category"] for r in gate)
+    for category, entry in harmful.items():
+        own = [r for r in gate if r["category"] == category]
+        assert entry["flagged_rate"]["gate"] == np.mean([r["unsafe_prob"] > 0.5 for r in own])
+        assert set(entry["refusal_rate"]) == {"base", "gate", "augment"}
+    # per benign family: benign text and over-refusal prompts together
+    assert sum(entry["n"] for entry in metrics["by_category"]["text"]["benign"].values()) == 4
     table = (out / "evaluation.md").read_text()
     assert "| metric | base | gate | augment |" in table and "attack success rate, harmful_typographic" in table
-    assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| side | category | n | flagged, gate | flagged, augment | refused, base | refused, gate | refused, " \
+           "augment |" in table
+    assert f"| harmful | {next(iter(harmful))} | " in table
+    for chart in ("evaluation.png", "categories.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".eval.partial-*"))
 
 

@@ -31,6 +31,7 @@ def test_over_refusal_set_leaves_out_every_calibration_group():
     everything = over_refusal_prompts([])
     assert len(everything) > len(over)  # the sets do feed calibration, so the filter removes some
     assert all(p.label == 0 for p in everything)
+    assert all(p.category is not None for p in everything)  # the per-family rows need them
 
 
 def test_sets_pair_text_and_typographic_requests(tmp_path):
@@ -44,6 +45,7 @@ def test_sets_pair_text_and_typographic_requests(tmp_path):
         text, typographic = sets[f"{kind}_text"], sets[f"{kind}_typographic"]
         assert len(text.prompts) == 4 and all(p.label == label and p.image is None for p in text.prompts)
         assert [p.origin for p in typographic.prompts] == [p.text for p in text.prompts]
+        assert [p.category for p in typographic.prompts] == [p.category for p in text.prompts]
         assert all(p.text == CARRIER_PROMPT and Image.open(p.image).size == (224, 160) for p in typographic.prompts)
         assert all(p.image is not None for p in sets[f"{kind}_image"].prompts)
     assert len(sets["over_refusal"].prompts) == 3

@@ -7,6 +7,7 @@ import pytest
 from sasa_patcher.evaluation.held_out import PromptSet
 from sasa_patcher.evaluation.metrics import (
     attack_success_rate,
+    category_metrics,
     flagged_rate,
     generation_metrics,
     share_refused,
@@ -55,4 +56,26 @@ def test_generation_metrics_from_records():
     assert "base" not in figures["probe"]["text"]
     # over-refusal prompts are not the probe's benign class: only benign_text is
     assert figures["probe"]["text"]["gate"] == operating_point([0.9, 0.4, 0.7, 0.1, 0.8], [1, 1, 1, 0, 0], 0.5)
+    assert figures["by_category"] == category_metrics(rows, SETS, ["base", "gate"], 0.5)
 
+
+def test_per_category_rows_match_hand_counts():
+    figures = category_metrics(records(), SETS, ["base", "gate"], threshold=0.5)
+    assert list(figures) == ["text", "typographic"]
+    harmful, benign = figures["text"]["harmful"], figures["text"]["benign"]
+    assert list(harmful) == ["hate", "privacy"]  # the taxonomy's order, not the records'
+    assert harmful["hate"] == {"n": 2, "flagged_rate": {"gate": 0.5}, "refusal_rate": {"base": 0.0, "gate": 0.5}}
+    assert harmful["privacy"] == {"n": 1, "flagged_rate": {"gate": 1.0}, "refusal_rate": {"base": 0.0, "gate": 1.0}}
+    # benign families include the over-refusal set: the hate look-alikes are one benign_text and one over_refusal
+    assert list(benign) == ["hate", "everyday"]
+    assert benign["hate"] == {"n": 2, "flagged_rate": {"gate": 0.5}, "refusal_rate": {"base": 0.0, "gate": 1.0}}
+    assert benign["everyday"] == {"n": 1, "flagged_rate": {"gate": 0.0}, "refusal_rate": {"base": 1.0, "gate": 0.0}}
+    # a prompt without a category (a user's manifest row) is grouped, not dropped
+    assert figures["typographic"] == {"harmful": {"uncategorised": {
+        "n": 1, "flagged_rate": {"gate": 1.0}, "refusal_rate": {"base": 0.0, "gate": 0.0}}}}
+
+
+def test_untrained_probe_flags_no_category():
+    figures = category_metrics(records(), SETS, ["base", "gate"], threshold=None)
+    assert all(rate == 0.0 for sides in figures.values() for table in sides.values() for entry in table.values()
+               for rate in entry["flagged_rate"].values())

@@ -5,8 +5,9 @@
 BASE is what `scripts/patch.py --model` accepts; PATCHED is a directory `scripts/patch.py` wrote (the
 safetensors artifact, run in-process with its own remote code) or its `onnx/` folder (run with ONNX
 Runtime; `--runtime onnx` picks it from the root too). Writes `evaluation.json` (every figure),
-`evaluation.md` (the table), `evaluation.png` (the chart) and `generations.jsonl` (every answer, to
-audit the figures) into --out, atomically. Exit code 2 and a one-line reason on bad input.
+`evaluation.md` (the tables), `evaluation.png` and `categories.png` (the charts: overall, and per hazard
+and benign family) and `generations.jsonl` (every answer, to audit the figures) into --out, atomically.
+Exit code 2 and a one-line reason on bad input.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, help="JSONL manifest of your own held-out prompts (text, label, "
                                                   "optional image); replaces the built-in held-out split")
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
-                        help=f"prompts per category, a deterministic subset (default {DEFAULT_LIMIT}; 0: all)")
+                        help=f"prompts per prompt set, a deterministic subset (default {DEFAULT_LIMIT}; 0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
