@@ -108,7 +108,7 @@ def semantic_curve(image_states: torch.Tensor, text_states: torch.Tensor) -> dic
     }
 
 
-def refusal_token_ids(tokenizer, phrases: Sequence[str] = REFUSAL_OPENINGS) -> list[int]:
+def refusal_opening_ids(tokenizer, phrases: Sequence[str] = REFUSAL_OPENINGS) -> list[int]:
     """The distinct first tokens of the refusal phrases (as the assistant's first word, no leading space)."""
     ids = []
     for phrase in phrases:
@@ -333,7 +333,7 @@ def localise(
         semantic = semantic_curve(image_states, text_states)
 
     tokenizer = getattr(processor, "tokenizer", processor)
-    token_ids = refusal_token_ids(tokenizer, refusal_phrases)
+    token_ids = refusal_opening_ids(tokenizer, refusal_phrases)
     expression = expression_curve(model, features.layer_states, labels, token_ids,
                                   max_prompts=max_expression_prompts, seed=seed)
     expression["phrases"] = list(refusal_phrases)

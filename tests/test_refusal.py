@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sasa_patcher.modeling_sasa import DEFAULT_REFUSAL
-from sasa_patcher.probes.localisation import refusal_token_ids
+from sasa_patcher.probes.localisation import refusal_opening_ids
 from sasa_patcher.probes.refusal import REFUSAL_OPENINGS, TEST_PREFIXES, is_refusal
 
 
@@ -65,6 +65,6 @@ def test_localisation_reads_the_openings_from_here():
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [sum(map(ord, text.split()[0]))]}
 
-    ids = refusal_token_ids(FirstWord())
+    ids = refusal_opening_ids(FirstWord())
     assert len(ids) == len({phrase.split()[0] for phrase in REFUSAL_OPENINGS})
     assert REFUSAL_OPENINGS == ("I'm sorry", "I cannot", "I can't", "Sorry", "I apologize", "Unfortunately")
