@@ -35,27 +35,12 @@ from sasa_patcher.export.onnx_names import UNSAFE_PROB_NOT_COMPUTED
 from sasa_patcher.export.onnx_parity import LOGITS_TOLERANCE
 from sasa_patcher.modeling_sasa import CACHE_KEY, SasaSettings
 from sasa_patcher.patching import patch_model
-from tiny_calibration import tiny_processor
 from tiny_models import IMAGE_TOKEN, build_qwen2_vl
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench.py"
 S, F = 1, 3
 ENTRY_NUMBERS = ("ratio", "floor", "baseline_ms", "patched_ms")
-
-
-@pytest.fixture(scope="module")
-def cli():
-    return bench_cli
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Qwen2-VL checkpoint with a real processor, loadable by `--model DIR`."""
-    directory = tmp_path_factory.mktemp("tiny-bench-model")
-    build_qwen2_vl().save_pretrained(directory)
-    tiny_processor("qwen2_vl").save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +135,7 @@ def test_unpatched_decoder_needs_gate_mode():
 
 # ----- the measures -------------------------------------------------------------------------------
 @pytest.mark.slow  # two decoder exports: about a minute on 2 cores
-def test_runtime_reports(cli, patched, baseline_graph, tmp_path):
+def test_runtime_reports(patched, baseline_graph, tmp_path):
     """Both runtimes, one repeat: every measure present, finite and positive; the ONNX graphs exported or reused."""
     ids = bench_token_ids(patched.config, 2, 6, 3)
     floors = layer_floors(6, S, F)
@@ -170,18 +155,18 @@ def test_runtime_reports(cli, patched, baseline_graph, tmp_path):
     assert len(table) == 1 + len(MEASURES)
 
 
-def run_main(cli, capsys, argv: list[str]) -> tuple[int, str, str]:
-    code = cli.main(argv)
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = bench_cli.main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err.strip()
 
 
-def test_cli_json_schema(cli, capsys, tiny_dir, tmp_path):
+def test_cli_json_schema(capsys, tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
-    code, stdout, _ = run_main(cli, capsys, ["--model", str(tiny_dir), "--runtimes", "pytorch", "--skip-patch-timing",
-                                             "--prompt-tokens", "8", "--decode-tokens", "2", "--repeats", "1",
-                                             "--warmup", "0", "--threads", "1", "--json", str(out),
-                                             "--markdown", str(tmp_path / "bench.md")])
+    code, stdout, _ = run_main(capsys, ["--model", str(tiny_dir), "--runtimes", "pytorch", "--skip-patch-timing",
+                                        "--prompt-tokens", "8", "--decode-tokens", "2", "--repeats", "1",
+                                        "--warmup", "0", "--threads", "1", "--json", str(out),
+                                        "--markdown", str(tmp_path / "bench.md")])
     assert code == 0
     report = json.loads(out.read_text())
     markdown = (tmp_path / "bench.md").read_text().splitlines()
@@ -201,13 +186,13 @@ def test_cli_json_schema(cli, capsys, tiny_dir, tmp_path):
     assert "prefill, gate" in stdout and "decode per token, augment" in stdout
 
 
-def test_cli_patch_timing(cli, capsys, tiny_dir, tmp_path):
+def test_cli_patch_timing(capsys, tiny_dir, tmp_path):
     """Patch timing on a tiny calibration subsample (bfloat16: PyTorch only, so no ONNX artifact to export)."""
     out = tmp_path / "bench.json"
-    code, stdout, _ = run_main(cli, capsys, ["--model", str(tiny_dir), "--runtimes", "pytorch", "--dtype", "bfloat16",
-                                             "--calibration-prompts", "32", "--prompt-tokens", "8", "--decode-tokens",
-                                             "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
-                                             "--json", str(out)])
+    code, stdout, _ = run_main(capsys, ["--model", str(tiny_dir), "--runtimes", "pytorch", "--dtype", "bfloat16",
+                                        "--calibration-prompts", "32", "--prompt-tokens", "8", "--decode-tokens",
+                                        "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                                        "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     seconds = report["patch_seconds"]
@@ -235,10 +220,10 @@ def test_cli_patch_timing(cli, capsys, tiny_dir, tmp_path):
     (["--layers", "1,6"], "does not exist"),
     (["--prompt-tokens", "600"], "positions"),
 ])
-def test_bad_input_exits_2_with_one_line(cli, capsys, tiny_dir, argv, message):
+def test_bad_input_exits_2_with_one_line(capsys, tiny_dir, argv, message):
     if "--model" not in argv:
         argv = ["--model", str(tiny_dir), *argv]
-    code, stdout, err = run_main(cli, capsys, argv)
+    code, stdout, err = run_main(capsys, argv)
     assert code == 2 and stdout == ""
     assert message in err and len(err.splitlines()) == 1, err
 

@@ -153,27 +153,18 @@ def test_batched_generation_equals_one_by_one(mode, tmp_path):
 
 # ----- the CLI end to end ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cli():
-    return evaluate_cli
-
-
-@pytest.fixture(scope="module")
-def tiny_artifact(tmp_path_factory):
-    """A tiny base directory (model + processor) and the safetensors artifact of its patched copy."""
-    root = tmp_path_factory.mktemp("tiny-eval")
-    base_dir = root / "base"
-    tm.build_qwen2_vl().save_pretrained(base_dir)
-    processor = tiny_processor("qwen2_vl")
-    processor.save_pretrained(base_dir)
+def tiny_artifact(tiny_dir, tmp_path_factory):
+    """The tiny base directory (model + processor) and the safetensors artifact of its patched copy."""
+    artifact = tmp_path_factory.mktemp("tiny-eval") / "artifact"
     _, model = patched_pair(threshold=0.5)
-    write_safetensors_artifact(model, processor, base_dir, root / "artifact")
-    return base_dir, root / "artifact"
+    write_safetensors_artifact(model, tiny_processor("qwen2_vl"), tiny_dir, artifact)
+    return tiny_dir, artifact
 
 
-def test_cli_end_to_end_writes_the_report(cli, tiny_artifact, tmp_path, capsys):
+def test_cli_end_to_end_writes_the_report(tiny_artifact, tmp_path, capsys):
     base_dir, artifact = tiny_artifact
     out = tmp_path / "eval"
-    code = cli.main([str(base_dir), str(artifact), "--out", str(out), "--limit", "2", "--max-new-tokens", "3",
+    code = evaluate_cli.main([str(base_dir), str(artifact), "--out", str(out), "--limit", "2", "--max-new-tokens", "3",
                      "--batch-size", "2", "--no-progress"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -227,7 +218,7 @@ def test_cli_end_to_end_writes_the_report(cli, tiny_artifact, tmp_path, capsys):
     ("bad-limit", "--limit"),
     ("bad-threads", "--threads"),
 ])
-def test_bad_input_exits_2_with_one_line(cli, tiny_artifact, tmp_path, capsys, case, message):
+def test_bad_input_exits_2_with_one_line(tiny_artifact, tmp_path, capsys, case, message):
     base_dir, artifact = tiny_artifact
     out = tmp_path / "eval"
     patched, extra = artifact, []
@@ -250,7 +241,7 @@ def test_bad_input_exits_2_with_one_line(cli, tiny_artifact, tmp_path, capsys, c
         extra = ["--limit", "-1"]
     elif case == "bad-threads":
         extra = ["--threads", "0"]
-    code = cli.main([str(base_dir), str(patched), "--out", str(out), "--no-progress", *extra])
+    code = evaluate_cli.main([str(base_dir), str(patched), "--out", str(out), "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert case == "existing-out" or not out.exists()
@@ -286,7 +277,7 @@ def test_onnx_system_matches_the_pytorch_system(tmp_path):
 
 
 @pytest.mark.integration
-def test_cli_on_the_embedded_model(cli, tmp_path):
+def test_cli_on_the_embedded_model(tmp_path):
     """smol-qwen-vl, patched without calibration (untrained probe: nothing flagged), one prompt per category:
     the real chat template's user text is located exactly, and gate is the base."""
     from sasa_patcher.loading import load_model
@@ -301,7 +292,7 @@ def test_cli_on_the_embedded_model(cli, tmp_path):
     model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
     write_safetensors_artifact(model, loaded.processor, loaded.source, tmp_path / "art")
     out = tmp_path / "eval"
-    code = cli.main(["smol-qwen-vl", str(tmp_path / "art"), "--out", str(out), "--limit", "1",
+    code = evaluate_cli.main(["smol-qwen-vl", str(tmp_path / "art"), "--out", str(out), "--limit", "1",
                      "--max-new-tokens", "4", "--no-progress"])
     assert code == 0
     report = json.loads((out / "evaluation.json").read_text())

@@ -11,26 +11,13 @@ from pathlib import Path
 import pytest
 
 from sasa_patcher.cli import patch as patch_cli
-from tiny_models import build_qwen2_vl
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "patch.py"
 
 
-@pytest.fixture(scope="module")
-def cli():
-    return patch_cli
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-qwen2-vl")
-    build_qwen2_vl().save_pretrained(directory)
-    return directory
-
-
-def run_main(cli, capsys, argv):
-    code = cli.main(argv)
+def run_main(capsys, argv):
+    code = patch_cli.main(argv)
     return code, capsys.readouterr().err.strip()
 
 
@@ -39,42 +26,42 @@ def run_main(cli, capsys, argv):
     [("3,3", "must come before"), ("4,2", "must come before"), ("1,6", "does not exist"),
      ("-1,3", "non-negative"), ("a,b", "two integers")],
 )
-def test_bad_layers_exit_2_and_write_nothing(cli, capsys, tiny_dir, tmp_path, layers, message):
+def test_bad_layers_exit_2_and_write_nothing(capsys, tiny_dir, tmp_path, layers, message):
     out = tmp_path / "out"
-    code, err = run_main(cli, capsys, ["--model", str(tiny_dir), "--out", str(out), f"--layers={layers}"])
+    code, err = run_main(capsys, ["--model", str(tiny_dir), "--out", str(out), f"--layers={layers}"])
     assert code == 2
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_unknown_alias_missing_dir_unsupported_arch(cli, capsys, tmp_path):
+def test_unknown_alias_missing_dir_unsupported_arch(capsys, tmp_path):
     out = tmp_path / "out"
-    assert run_main(cli, capsys, ["--model", "no-such-alias", "--out", str(out)])[0] == 2
-    assert run_main(cli, capsys, ["--model", str(tmp_path / "missing"), "--out", str(out)])[0] == 2
+    assert run_main(capsys, ["--model", "no-such-alias", "--out", str(out)])[0] == 2
+    assert run_main(capsys, ["--model", str(tmp_path / "missing"), "--out", str(out)])[0] == 2
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    code, err = run_main(cli, capsys, ["--model", str(bert), "--out", str(out)])
+    code, err = run_main(capsys, ["--model", str(bert), "--out", str(out)])
     assert code == 2 and "supported are llava, qwen2_5_vl, qwen2_vl" in err
     assert not out.exists()
 
 
-def test_existing_output_needs_force(cli, capsys, tiny_dir, tmp_path):
+def test_existing_output_needs_force(capsys, tiny_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, err = run_main(cli, capsys, ["--model", str(tiny_dir), "--out", str(out)])
+    code, err = run_main(capsys, ["--model", str(tiny_dir), "--out", str(out)])
     assert code == 2 and "--force" in err
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_unreadable_adapter(cli, capsys, tiny_dir, tmp_path):
+def test_unreadable_adapter(capsys, tiny_dir, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("not json")
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     out = tmp_path / "out"
-    code, err = run_main(cli, capsys, ["--model", str(tiny_dir), "--out", str(out), "--adapter", str(adapter)])
+    code, err = run_main(capsys, ["--model", str(tiny_dir), "--out", str(out), "--adapter", str(adapter)])
     assert code == 2 and "unreadable" in err
     assert not out.exists()
 
@@ -123,9 +110,9 @@ def test_patch_embedded_model_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "fp16"])
-def test_onnx_with_half_precision_exits_2_before_any_work(cli, capsys, tiny_dir, tmp_path, dtype):
+def test_onnx_with_half_precision_exits_2_before_any_work(capsys, tiny_dir, tmp_path, dtype):
     out = tmp_path / "out"
-    code, err = run_main(cli, capsys, ["--model", str(tiny_dir), "--out", str(out), "--dtype", dtype,
-                                       "--calibration", "none"])
+    code, err = run_main(capsys, ["--model", str(tiny_dir), "--out", str(out), "--dtype", dtype,
+                                  "--calibration", "none"])
     assert code == 2 and "float32" in err and "--format safetensors" in err
     assert not out.exists()

@@ -7,7 +7,6 @@ the JSONL writer and the table helper.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -18,16 +17,8 @@ from sasa_patcher.modeling_sasa import SasaSettings
 from sasa_patcher.patching import patch_model, temporary_settings
 from sasa_patcher.pipeline import PatchOptions, card_info, parse_formats, run_patch
 from sasa_patcher.tables import escape_cell, format_metric, markdown_table, text_table
-from tiny_calibration import synthetic_prompts, tiny_processor
+from tiny_calibration import synthetic_prompts
 from tiny_models import build_qwen2_vl
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-pipeline-model")
-    build_qwen2_vl().save_pretrained(directory)
-    tiny_processor("qwen2_vl").save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.parametrize("changes,message", [
