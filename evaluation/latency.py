@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -39,7 +39,13 @@ import torch
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.export.onnx_graphs import export_decoder
 from sasa_patcher.export.onnx_runtime import text_positions
-from sasa_patcher.modeling_sasa import CACHE_KEY, SasaSettings, transformers_base_class
+from sasa_patcher.modeling_sasa import (
+    CACHE_KEY,
+    PROJECTED_FEATURES,
+    SasaSettings,
+    default_probe_layers,
+    transformers_base_class,
+)
 from sasa_patcher.patching import temporary_settings
 
 VARIANTS = ("baseline", "gate", "augment")
@@ -58,24 +64,29 @@ Samples = dict[str, dict[str, list[float]]]  # variant -> phase ("prefill" | "de
 
 
 # ----- floors ---------------------------------------------------------------------------------------
-def layer_floors(num_layers: int, safety_layer: int, semantic_layer: int,
-                 probe_features: str = "projected-logits") -> dict[str, float]:
-    """Decoder-layer passes of each patched measure over the base model's L.
+def layer_floors(num_layers: int, safety_layer: int, semantic_layer: int, probe_features: str = "projected-logits",
+                 probe_layers: Sequence[int] = ()) -> dict[str, float]:
+    """Decoder-layer passes of each patched measure over the base model's L, as `sasa_probe_features` runs them.
 
-    prefill (gate): all L layers, then the probe's second pass over layers s+1..L-1: 1 + (L-s-1)/L.
+    prefill (gate): all L layers of the original stream; the probe's second pass over layers s+1..L-1 only
+        when it reads the projected stream (`projected-logits`, `hidden`): 1 + (L-s-1)/L. With `logits` or
+        `multi-layer` the probe reads the original stream already there (one forward plus the head): 1.
     prefill_augment: the original stream up to f and the projected stream s+1..L-1, ((f+1) + (L-s-1))/L,
-        plus the original layers f+1..L-1 when the probe reads the unprojected logits.
+        plus the original layers f+1..L-1 when the probe reads them (`logits`, or `multi-layer` with a
+        probe layer above f).
     decode_gate: the original stream only: 1.
     decode_augment: the two cached streams of `sasa_serving_streams`, ((f+1) + (L-s-1))/L.
     """
-    SasaSettings(safety_layer, semantic_layer, probe_features=probe_features).validate(num_layers)
+    layers = list(probe_layers) or (default_probe_layers(num_layers) if probe_features == "multi-layer" else [])
+    SasaSettings(safety_layer, semantic_layer, probe_features=probe_features, probe_layers=layers).validate(num_layers)
     length, s, f = num_layers, safety_layer, semantic_layer
     second_pass = length - s - 1
     augment_streams = (f + 1) + second_pass
-    completed_original = length - f - 1 if probe_features == "logits" else 0
+    reads_projected = probe_features in PROJECTED_FEATURES
+    reads_original_above_f = probe_features == "logits" or (probe_features == "multi-layer" and max(layers) > f)
     return {
-        "prefill": (length + second_pass) / length,
-        "prefill_augment": (augment_streams + completed_original) / length,
+        "prefill": (length + (second_pass if reads_projected else 0)) / length,
+        "prefill_augment": (augment_streams + (length - f - 1 if reads_original_above_f else 0)) / length,
         "decode_gate": 1.0,
         "decode_augment": augment_streams / length,
     }
@@ -84,7 +95,7 @@ def layer_floors(num_layers: int, safety_layer: int, semantic_layer: int,
 def model_floors(model) -> dict[str, float]:
     settings = model.sasa
     return layer_floors(model.config.get_text_config().num_hidden_layers, settings.safety_layer,
-                        settings.semantic_layer, settings.probe_features)
+                        settings.semantic_layer, settings.probe_features, settings.probe_layers)
 
 
 # ----- inputs ---------------------------------------------------------------------------------------
@@ -187,24 +198,11 @@ def torch_runner(model, variant: str, ids: torch.Tensor, prompt_tokens: int) -> 
 
     def run() -> tuple[float, float]:
         if variant == "baseline":
-            forget_multimodal_state(model)
+            model.sasa_forget_multimodal_state()
         with mode(), torch.inference_mode():
             return _torch_run(forward, ids, prompt_tokens, device)
 
     return run
-
-
-def forget_multimodal_state(model) -> None:
-    """Clear the rope deltas transformers' Qwen2-VL keeps on the module after a multimodal prompt.
-
-    The base forward recomputes them only for prompts with images and applies the stored ones to
-    later decode steps, so a text-only run after an image prompt (calibration, the parity check)
-    decodes with stale positions, or fails when the batch sizes differ. The patched forward keeps
-    them in its cache instead and needs nothing.
-    """
-    inner = getattr(model, "model", None)
-    if getattr(inner, "rope_deltas", None) is not None:
-        inner.rope_deltas = None
 
 
 def bench_pytorch(model, ids: torch.Tensor, prompt_tokens: int, *, repeats: int, warmup: int,
@@ -270,8 +268,19 @@ class OrtDecoder:
         inputs = {value.name: value for value in self.session.get_inputs()}
         self.past_names = [name for name in inputs if name.startswith("past.")]
         self.past_dims = inputs[self.past_names[0]].shape
-        self.mrope = len(inputs["position_ids"].shape) == 3  # Qwen: [4, B, T]
+        self.position_rows = self._position_rows(inputs["position_ids"].shape)
         self.output_names = [value.name for value in self.session.get_outputs()]
+
+    @staticmethod
+    def _position_rows(shape: list) -> int | None:
+        """Rows of a [rows, B, T] position_ids input as the graph declares it (M-RoPE: 3, or 4 with a text
+        row first); None for [B, T]."""
+        if len(shape) == 2:
+            return None
+        if len(shape) != 3 or not isinstance(shape[0], int):
+            raise ValueError(f"the decoder graph's position_ids has shape {shape}: expected [B, T] or a fixed "
+                             "number of rows [rows, B, T]")
+        return shape[0]
 
     def empty_past(self, batch: int) -> list:
         import onnxruntime as ort
@@ -284,8 +293,8 @@ class OrtDecoder:
         import onnxruntime as ort
 
         positions = text_positions(attention_mask)[:, -embeds.shape[1]:]
-        if self.mrope:
-            positions = np.stack([positions] * 4)
+        if self.position_rows is not None:  # text-only prompts: every row holds the text positions
+            positions = np.stack([positions] * self.position_rows)
         binding = self.session.io_binding()
         for name, array in (("inputs_embeds", embeds), ("attention_mask", attention_mask), ("position_ids", positions)):
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array),

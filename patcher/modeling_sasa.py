@@ -41,6 +41,7 @@ from transformers.utils import ModelOutput
 PROJECTION_MODES = ("replace", "residual", "interpolate")
 SERVING_MODES = ("gate", "augment")
 PROBE_FEATURES = ("projected-logits", "logits", "hidden", "multi-layer")
+PROJECTED_FEATURES = ("projected-logits", "hidden")  # the features read from the projected stream
 # "multi-layer": the original stream's outputs of `probe_layers` at the last prompt position, concatenated;
 # by default four evenly spaced middle layers (8, 12, 16, 20 of 30), which transfer to unseen hazards better
 # than any single layer's state.
@@ -270,6 +271,9 @@ class SasaMixin:
         """Return (text positions [B, T] for the mask, rotary positions as the rotary module wants)."""
         raise NotImplementedError
 
+    def sasa_forget_multimodal_state(self) -> None:
+        """Clear per-prompt state the base class keeps on the module between calls (none for most families)."""
+
     # ----- the two passes -------------------------------------------------------------------
     def _masks(self, text_model, inputs_embeds, attention_mask, cache, text_pos) -> dict:
         if isinstance(attention_mask, dict):
@@ -451,7 +455,7 @@ class SasaMixin:
             )
             per_layer.update(more)
         candidates = {}
-        if all_candidates or feature in ("projected-logits", "hidden"):
+        if all_candidates or feature in PROJECTED_FEATURES:
             if projected is None:
                 projected = self._projected_stream(text_model, per_layer, masks, rotary, text_pos, None)
             projected_hidden = text_model.norm(projected[rows, last])
@@ -554,6 +558,16 @@ class _QwenVLAdapter(SasaMixin):
         if cache is not None:
             cache.rope_deltas = deltas
         return text, rope
+
+    def sasa_forget_multimodal_state(self) -> None:
+        """Clear the rope deltas the transformers Qwen-VL model keeps on the module after a multimodal prompt.
+
+        The base forward recomputes them only for prompts with images and applies the stored ones to later
+        decode steps, so a text-only run of the base forward after an image prompt decodes with stale
+        positions, or fails when the batch sizes differ. The patched forward keeps them in its cache.
+        """
+        if getattr(self.model, "rope_deltas", None) is not None:
+            self.model.rope_deltas = None
 
 
 class SasaQwen2VLForConditionalGeneration(_QwenVLAdapter, Qwen2VLForConditionalGeneration):

@@ -28,13 +28,14 @@ from sasa_patcher.evaluation.latency import (
     bench_pytorch,
     bench_token_ids,
     layer_floors,
+    model_floors,
     token_ceiling,
 )
 from sasa_patcher.export.onnx_graphs import DecoderGraph, export_decoder
 from sasa_patcher.export.onnx_names import UNSAFE_PROB_NOT_COMPUTED
 from sasa_patcher.export.onnx_parity import LOGITS_TOLERANCE
 from sasa_patcher.modeling_sasa import CACHE_KEY, SasaSettings
-from sasa_patcher.patching import patch_model
+from sasa_patcher.patching import patch_model, temporary_settings
 from tiny_models import IMAGE_TOKEN, build_qwen2_vl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,8 +74,12 @@ def check_runtime_report(report: dict, floors: dict, repeats: int) -> None:
 @pytest.mark.parametrize("layers,features,expected", [
     ((30, 12, 14), "projected-logits", {"prefill": 1 + 17 / 30, "prefill_augment": (15 + 17) / 30,
                                         "decode_gate": 1.0, "decode_augment": (15 + 17) / 30}),
-    ((30, 12, 14), "logits", {"prefill": 1 + 17 / 30, "prefill_augment": (15 + 17 + 15) / 30,
+    # the probe reads the original stream: gate's prefill is one forward plus the head, no second pass
+    ((30, 12, 14), "logits", {"prefill": 1.0, "prefill_augment": (15 + 17 + 15) / 30,
                               "decode_gate": 1.0, "decode_augment": (15 + 17) / 30}),
+    # default probe layers 8, 12, 16, 20: above f, so augment completes the original stream
+    ((30, 12, 14), "multi-layer", {"prefill": 1.0, "prefill_augment": (15 + 17 + 15) / 30,
+                                   "decode_gate": 1.0, "decode_augment": (15 + 17) / 30}),
     ((6, 1, 3), "hidden", {"prefill": 1 + 4 / 6, "prefill_augment": (4 + 4) / 6,
                            "decode_gate": 1.0, "decode_augment": (4 + 4) / 6}),
     ((6, 4, 5), "projected-logits", {"prefill": 1 + 1 / 6, "prefill_augment": (6 + 1) / 6,
@@ -85,6 +90,55 @@ def test_layer_floors(layers, features, expected):
     assert floors.keys() == expected.keys() == MEASURES.keys()
     for name, value in expected.items():
         assert floors[name] == pytest.approx(value), name
+
+
+def test_multi_layer_floor_below_f_needs_no_completed_stream():
+    floors = layer_floors(30, 12, 14, probe_features="multi-layer", probe_layers=[4, 8, 14])
+    assert floors["prefill"] == 1.0 and floors["prefill_augment"] == pytest.approx((15 + 17) / 30)
+
+
+@pytest.mark.parametrize("features,probe_layers", [("projected-logits", []), ("hidden", []), ("logits", []),
+                                                   ("multi-layer", [2, 5]), ("multi-layer", [1, 3])])
+def test_floors_count_the_layer_calls_the_patched_forward_makes(features, probe_layers):
+    """The floors are the decoder-layer calls `sasa_probe_features` and the serving streams actually make."""
+    model = patch_model(build_qwen2_vl(), SasaSettings(S, F, probe_features=features, probe_layers=probe_layers))
+    layers = model.sasa_text_model().layers
+    calls = [0]
+    hooks = [layer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for layer in layers]
+    floors = model_floors(model)
+    ids = bench_token_ids(model.config, 2, 5, 1)
+    mask = torch.ones_like(ids)
+    try:
+        for mode in ("gate", "augment"):
+            with temporary_settings(model, mode=mode), torch.inference_mode():
+                calls[0] = 0
+                out = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+                prefill = calls[0]
+                calls[0] = 0
+                model(input_ids=ids[:, 5:], attention_mask=mask, use_cache=True, **{CACHE_KEY: getattr(out, CACHE_KEY)})
+            assert prefill == floors["prefill" if mode == "gate" else "prefill_augment"] * len(layers), mode
+            assert calls[0] == floors[f"decode_{mode}"] * len(layers), mode
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_position_rows_come_from_the_graph():
+    assert OrtDecoder._position_rows(["batch", "seq"]) is None
+    assert OrtDecoder._position_rows([3, "batch", "seq"]) == 3 and OrtDecoder._position_rows([4, "b", "s"]) == 4
+    with pytest.raises(ValueError, match="position_ids"):
+        OrtDecoder._position_rows(["rows", "batch", "seq"])
+
+
+def test_only_the_qwen_adapter_has_multimodal_state_to_forget():
+    from tiny_models import build_llava
+
+    qwen = patch_model(build_qwen2_vl(), SasaSettings(S, F))
+    qwen.model.rope_deltas = torch.zeros(1, 1)
+    qwen.sasa_forget_multimodal_state()
+    assert qwen.model.rope_deltas is None
+    llava = patch_model(build_llava(), SasaSettings(S, F))
+    llava.sasa_forget_multimodal_state()  # nothing kept between calls: a no-op
 
 
 @pytest.mark.parametrize("layers", [(30, 14, 14), (30, 12, 30), (30, -1, 3)])
