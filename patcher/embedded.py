@@ -266,7 +266,7 @@ def _build_qwen(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, ou
     )
     image_config = image_processor.to_dict()
     # Written by hand because `Qwen2VLProcessor` cannot be built without torchvision (see
-    # ImageOnlyQwen2VLProcessor). This is the layout its own `save_pretrained` writes, so `AutoProcessor`
+    # processors.image_only). This is the layout its own `save_pretrained` writes, so `AutoProcessor`
     # loads it, with the matching video processor, wherever torchvision is installed.
     video_config = {key: image_config[key] for key in ("size", "patch_size", "temporal_patch_size", "merge_size")}
     processor_config = {

@@ -607,9 +607,7 @@ class SasaLlavaForConditionalGeneration(SasaMixin, LlavaForConditionalGeneration
             image_sizes=multimodal.get("image_sizes"),
             return_dict=True,
         ).pooler_output
-        image_features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-        image_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features)
-        return inputs_embeds.masked_scatter(image_mask, image_features)
+        return torch.cat(list(features), dim=0)
 
     def sasa_positions(self, position_ids, input_ids, attention_mask, past_length, embeds, cache, multimodal):
         if position_ids is None:
