@@ -131,6 +131,7 @@ def export_onnx(
     if release_model is not None:
         model = processor = tokenizer = None
         release_model()
+        torch.compiler.reset()  # torch.export's caches keep the traced decoder wrapper, and so the model, alive
         gc.collect()
         log(f"released the PyTorch model before ONNX Runtime loads the graphs (RSS now "
             f"{current_rss_bytes() / GIB:.1f} GiB)")

@@ -113,3 +113,35 @@ def test_cli_refuses_builtin_calibration_with_exit_2(tmp_path, capsys):
 def test_warning_names_the_source_and_says_random():
     warning = shapes.random_weights_warning("shape:qwen2.5-vl")
     assert "RANDOM" in warning and "Qwen/Qwen2.5-VL-3B-Instruct" in warning
+
+
+def test_onnx_export_releases_the_model_before_onnx_runtime_loads(tmp_path, monkeypatch):
+    """The memory bound at real size: no PyTorch weights resident while the parity session runs."""
+    import gc
+    import weakref
+
+    from sasa_patcher.export import onnx_export
+    from sasa_patcher.modeling_sasa import SasaSettings
+    from sasa_patcher.patching import patch_model
+    from tiny_models import FAMILIES
+
+    family = next(family for family in FAMILIES if family.name == "qwen2_vl")
+    holder = {"model": patch_model(family.build(), SasaSettings(1, 3, refusal_token_ids=[7, 8, 9, 1]))}
+    alive = weakref.ref(holder["model"])
+    seen = {}
+    compare = onnx_export.compare_references
+
+    def checked(onnx_dir, references, *args, **kwargs):
+        gc.collect()
+        seen["alive"] = alive() is not None
+        if seen["alive"]:
+            seen["referrers"] = [type(r).__name__ for r in gc.get_referrers(alive())][:10]
+        return compare(onnx_dir, references, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "compare_references", checked)
+    cases = [{"name": "text", **family.make_batch([9], [False])}]
+    summary = onnx_export.export_onnx(holder["model"], None, tmp_path, image_size=(56, 56), parity_cases=cases,
+                                      release_model=lambda: holder.pop("model"))
+    assert seen == {"alive": False}, seen
+    assert summary["parity"]["passed"]
+    assert set(summary["peak_rss_bytes"]) >= {"decoder_model_merged.onnx", "parity_torch", "parity_onnxruntime"}
