@@ -60,6 +60,7 @@ class PatchOptions:
     base_weights: str = "check"
     allow_random_calibration: bool = False  # shape-true models (random weights) refuse calibration without it
     keep_model: bool = True  # False: the ONNX export drops the model before ONNX Runtime loads (result.model None)
+    onnx_precision: str = "fp32"  # fp32 | fp16 (CUDA) | int4 (MatMulNBits): export/onnx_precision.py
 
     def validate(self) -> None:
         """Every check that needs no model: raises `UserInputError` naming the flag and the fix."""
@@ -87,6 +88,14 @@ class PatchOptions:
             raise UserInputError(f"--format takes a comma-separated subset of {', '.join(FORMATS)}, "
                                  f"got {','.join(self.formats)!r}")
         check_device(self.device)
+        from sasa_patcher.export.onnx_precision import PRECISIONS
+
+        if self.onnx_precision not in PRECISIONS:
+            raise UserInputError(f"--onnx-precision must be one of {', '.join(PRECISIONS)}, "
+                                 f"got {self.onnx_precision!r}")
+        if self.onnx_precision != "fp32" and "onnx" not in self.formats:
+            raise UserInputError(f"--onnx-precision {self.onnx_precision} converts the ONNX graphs: "
+                                 "add onnx to --format")
         if "onnx" in self.formats:  # float32 and one device: say so before any work, not after calibration
             dtype = torch_dtype(self.dtype, self.device)
             if dtype != torch.float32:
@@ -317,6 +326,12 @@ def export_stage(options: PatchOptions, result: PatchResult, staging: Path, plot
         result.artifacts["onnx"] = staging / "onnx"
         log(f"ONNX artifact written in {clock.done('export_onnx'):.1f}s; parity figures in "
             "onnx/parity.json")
+        if options.onnx_precision != "fp32":  # after the fp32 export and its parity against PyTorch
+            from sasa_patcher.export.onnx_precision import replace_with_precision
+
+            replace_with_precision(staging / "onnx", options.onnx_precision, log=log)
+            log(f"ONNX graphs in {options.onnx_precision} in {clock.done('onnx_precision'):.1f}s; "
+                f"{options.onnx_precision} vs fp32 figures in onnx/parity.json (precision)")
 
 
 def card_info(options: PatchOptions, plot: Path | None):

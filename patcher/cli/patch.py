@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-calibration-record", action="store_true",
                         help="do not write calibration.jsonl (text, label, source, split) into the artifact")
     parser.add_argument("--format", default=",".join(FORMATS), help="comma-separated: safetensors, onnx")
+    parser.add_argument("--onnx-precision", default="fp32",
+                        help="precision of the ONNX graphs: fp32 (default), fp16 (for CUDA; float32 inputs and "
+                             "outputs), int4 (weight-only MatMulNBits, CPU and GPU); the probe head, the projection "
+                             "and the threshold comparison stay float32 in every precision; fp16/int4 vs fp32 figures "
+                             "in onnx/parity.json")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the artifact to this Hub repository")
     parser.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory merged before patching")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
@@ -67,7 +72,7 @@ def options_from_args(args: argparse.Namespace) -> PatchOptions:
         probe_features=args.probe_features, target_fpr=args.target_fpr, policy=args.policy, batch_size=args.batch_size,
         calibration_record=not args.no_calibration_record, formats=parse_formats(args.format),
         push_to_hub=args.push_to_hub, adapter=args.adapter, dtype=args.dtype, device=args.device, force=args.force,
-        allow_random_calibration=args.allow_random_calibration, keep_model=False,
+        allow_random_calibration=args.allow_random_calibration, keep_model=False, onnx_precision=args.onnx_precision,
     )
 
 
