@@ -47,6 +47,17 @@ def _phase_peak() -> int:
     return peak
 
 
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the kernel (freed tensors below its mmap threshold stay
+    in the heap otherwise, and count as resident); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _file_sizes(directory: Path) -> dict[str, int]:
     return {path.name: path.stat().st_size for path in sorted(directory.iterdir())
             if path.is_file() and path.name != PARITY_NAME}
@@ -133,8 +144,10 @@ def export_onnx(
         release_model()
         torch.compiler.reset()  # torch.export's caches keep the traced decoder wrapper, and so the model, alive
         gc.collect()
+        _return_freed_memory()
         log(f"released the PyTorch model before ONNX Runtime loads the graphs (RSS now "
-            f"{current_rss_bytes() / GIB:.1f} GiB)")
+            f"{current_rss_bytes() / GIB:.1f} GiB: {current_rss_bytes('RssAnon') / GIB:.1f} private, "
+            f"{current_rss_bytes('RssFile') / GIB:.1f} mapped files)")
     if references:
         started = time.perf_counter()
         summary["parity"] = compare_references(out_dir, references)
