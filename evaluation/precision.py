@@ -5,7 +5,7 @@
 The fp32 graphs of the artifact are converted here (export/onnx_precision.py, timed) and every
 precision runs through the project's runtime (`OnnxVlm`, CPUExecutionProvider) on the artifact's
 held-out prompts (`calibration.jsonl`, split `heldout`; text only: the file keeps image hashes, not
-images), or the first `--limit`. Per precision against fp32:
+images), or `--limit` of them evenly spaced through the file. Per precision against fp32:
 
 - flag agreement: `unsafe_prob > threshold` (the stored threshold) the same way on each prompt
 - unsafe_prob max and mean absolute difference
@@ -41,14 +41,17 @@ MIB = 2**20
 
 
 def heldout_prompts(artifact: Path, limit: int | None = None) -> list[str]:
-    """The held-out prompts of the artifact's calibration record (all prompts when none is held out)."""
+    """The held-out text prompts of the artifact's calibration record (all when none is held out); `limit`
+    takes that many, evenly spaced through the record."""
     path = artifact / "calibration.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no calibration.jsonl in {artifact}: pass the patch output directory")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     held = [r for r in records if r.get("split") == "heldout"] or records
     texts = [r["text"] for r in held if not r.get("image_sha256")]
-    return texts[:limit] if limit else texts
+    if limit and limit < len(texts):  # evenly spaced: the record is grouped by label and source
+        texts = [texts[int(i)] for i in np.linspace(0, len(texts) - 1, limit).round()]
+    return texts
 
 
 def decode_ms(runtime: OnnxVlm, input_ids: np.ndarray, new_tokens: int) -> float:
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, help="patch output directory (fp32 onnx/ and calibration.jsonl)")
     parser.add_argument("--precisions", default="int4,fp16")
-    parser.add_argument("--limit", type=int, help="the first N held-out prompts")
+    parser.add_argument("--limit", type=int, help="N held-out prompts, evenly spaced through calibration.jsonl")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timing-prompts", type=int, default=3)
