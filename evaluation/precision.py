@@ -38,6 +38,15 @@ from sasa_patcher.export.onnx_runtime import OnnxVlm, find_onnx_dir
 from sasa_patcher.tables import markdown_table, text_table
 
 MIB = 2**20
+NOTES = [
+    "Notes: `flag agreement` is `unsafe_prob > threshold` the same way as fp32 on each prompt; `token agreement` "
+    "is the share of new tokens before the first divergence from fp32. The probe head and `unsafe_prob` are float32 "
+    "in every precision, but the probe reads hidden states that the int4 (or fp16) layers compute, so its score moves "
+    "with the weights' precision. int4 quantizes the MatMul weights (decoder layers, lm_head); Gemm nodes (the "
+    "TorchScript-exported vision tower, the probe branch's own heads) stay float32. fp16 on the CPU provider runs "
+    "through ONNX Runtime's inserted casts (nodes without float16 kernels compute in float32), so its figures here "
+    "are a lower bound on the CUDA difference, and its timing is not a serving figure.",
+]
 
 
 def heldout_prompts(artifact: Path, limit: int | None = None) -> list[str]:
@@ -154,7 +163,7 @@ def markdown(report: dict, command: str) -> str:
              f"greedy new tokens (end-of-sequence off), threshold {report['threshold']}; flagged: fp32 "
              f"{report['fp32']['flagged']}, " + ", ".join(f"{k} {v}" for k, v in flagged.items()) + ". "
              f"Decode timing: {timing['prompts']} prompts, {timing['repeats']} interleaved rounds, "
-             f"{report['provider']}.", "", *markdown_table(table_rows(report)), ""]
+             f"{report['provider']}.", "", *markdown_table(table_rows(report)), "", *NOTES, ""]
     return "\n".join(lines)
 
 
