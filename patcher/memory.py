@@ -53,7 +53,7 @@ def memory_snapshot() -> dict[str, int]:
 
 def weight_bytes(directory: Path) -> int | None:
     """Bytes of the base checkpoint's safetensors tensors (None when it has no safetensors weights)."""
-    from sasa_patcher.export.checkpoint import base_weight_files
+    from sasa_patcher.export.base_weights import base_weight_files
 
     base = base_weight_files(directory)
     if base is None:

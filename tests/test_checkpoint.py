@@ -17,15 +17,15 @@ import torch
 from transformers import AutoModelForImageTextToText, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 import sasa_patcher.export.checkpoint as checkpoint
-from sasa_patcher.export.checkpoint import (
+from sasa_patcher.export.base_weights import (
     INDEX_FILE,
     SASA_FILE,
-    SASA_TENSORS,
     SINGLE_AS_SHARD,
+    checkpoint_state_dict,
     read_safetensors_header,
     tensor_digests,
-    write_safetensors_artifact,
 )
+from sasa_patcher.export.checkpoint import SASA_TENSORS, write_safetensors_artifact
 from sasa_patcher.export.model_card import CardInfo
 from sasa_patcher.modeling_sasa import SasaSettings
 from sasa_patcher.patching import patch_model
@@ -97,7 +97,7 @@ def test_pristine_base_is_linked_byte_identical(family, tmp_path):
     summary = write_safetensors_artifact(model, None, base, out, card_info=CardInfo(base_model="tiny/base"))
 
     assert summary["base_weights"] == "linked" and summary["reason"] is None
-    assert summary["verified"] == len(checkpoint.checkpoint_state_dict(model)) > 0
+    assert summary["verified"] == len(checkpoint_state_dict(model)) > 0
     # single-file base -> linked under a shard name the index references
     assert summary["weight_files"] == [SINGLE_AS_SHARD]
     assert os.path.samefile(base / "model.safetensors", out / SINGLE_AS_SHARD)
