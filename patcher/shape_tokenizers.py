@@ -116,7 +116,7 @@ def smollm2_tokenizer(vocab: int | None = None, extra: tuple[str, ...] = ()):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from sasa_patcher.embedded import locate_smollm2_gguf
+    from sasa_patcher.smollm2 import locate_smollm2_gguf
 
     gguf = locate_smollm2_gguf()
     source = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -40,9 +40,9 @@ from reader.training import (
     save_tower,
 )
 from sasa_patcher.console import log, report_user_error
-from sasa_patcher.embedded import SMOLLM2_VOCAB
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.loading import load_model
+from sasa_patcher.smollm2 import SMOLLM2_VOCAB
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,17 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForImageTextToText, LlamaForCausalLM, PreTrainedModel
 
-from sasa_patcher.embedded import (
-    EMBEDDED_MODELS,
-    SMOLLM2_VOCAB,
-    STAMP_NAME,
-    embedded_model_dir,
-    locate_smollm2_gguf,
-)
+from sasa_patcher.embedded import EMBEDDED_MODELS, STAMP_NAME, embedded_model_dir
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.processors import load_processor
+from sasa_patcher.smollm2 import SMOLLM2_VOCAB, load_smollm2, locate_smollm2_gguf
 
 pytestmark = pytest.mark.integration
 
@@ -48,10 +43,8 @@ class Embedded:
 @pytest.fixture(scope="module")
 def reference() -> Reference:
     """The source model, loaded once per module: de-quantizing the GGUF is the slow part."""
-    gguf = locate_smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    return Reference(tokenizer=tokenizer, model=model.eval())
+    tokenizer, model = load_smollm2(locate_smollm2_gguf())
+    return Reference(tokenizer=tokenizer, model=model)
 
 
 @pytest.fixture(scope="module", params=EMBEDDED_MODELS)
