@@ -48,14 +48,13 @@ def test_split_is_stable_across_runs_and_input_order():
 def test_split_is_stable_across_processes():
     here = hashlib.sha256("\n".join(p.text for p in split(synthetic()).heldout).encode()).hexdigest()
     code = (
-        "import hashlib, sys\n"
-        "sys.path.insert(0, 'tests')\n"
+        "import hashlib\n"
         "from test_splits import synthetic\n"
         "from sasa_patcher.probes.splits import split\n"
         "print(hashlib.sha256('\\n'.join(p.text for p in split(synthetic()).heldout).encode()).hexdigest())"
     )
     for seed in ("0", "1"):  # different hash() salts must not matter
-        env = {"PYTHONHASHSEED": seed, "PATH": ""}
+        env = {"PYTHONHASHSEED": seed, "PATH": "", "PYTHONPATH": str(ROOT / "tests")}
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == here
