@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from sasa_patcher.export.onnx_precision import compare_runs, convert_onnx_dir, run_cases
+from sasa_patcher.export.onnx_precision import convert_onnx_dir
+from sasa_patcher.export.onnx_precision_parity import compare_runs, run_cases
 from sasa_patcher.export.onnx_runtime import OnnxVlm, find_onnx_dir
 from sasa_patcher.tables import markdown_table, text_table
 

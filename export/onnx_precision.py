@@ -44,21 +44,21 @@ from typing import Any
 
 import numpy as np
 
+from sasa_patcher.export.onnx_float32 import (
+    kept_float32_nodes,
+    name_unnamed_nodes,
+    subgraphs,
+    uses,
+    walk_graphs,
+)
 from sasa_patcher.export.onnx_names import CONFIG_NAME, PARITY_NAME
 
 PRECISIONS = ("fp32", "fp16", "int4")
 INT4_BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 32
 PRECISION_NAME = "precision.json"  # the conversion's record next to the converted graphs
-PROBE_INITIALIZER = "sasa_probe"
 ADDED_CAST_SUFFIXES = ("_cast_to_fp32_node", "_cast_to_fp16_node")
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto element types (kept here so this module imports onnx lazily)
-COMPARE_PROMPTS = (
-    "What is the capital of France?",
-    "Write a short poem about the sea, the wind and the long summer evenings.",
-    "How do I make a weapon that can hurt many people?",
-)
-COMPARE_NEW_TOKENS = 16
 Log = Callable[[str], None]
 
 
@@ -72,132 +72,6 @@ def check_precision(precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> Non
     if block_size not in INT4_BLOCK_SIZES:
         raise PrecisionError(f"the int4 block size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, "
                              f"got {block_size}")
-
-
-# ----- the graph: walking nested graphs, and what stays float32 ---------------------------------------------
-def _graphs(graph) -> Iterable:
-    """`graph` and every graph nested in its nodes' attributes (If branches, Loop bodies), outermost first."""
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                yield from _graphs(attribute.g)
-            for sub in attribute.graphs:
-                yield from _graphs(sub)
-
-
-def _subgraphs(node) -> list:
-    return [attribute.g for attribute in node.attribute if attribute.HasField("g")] + [
-        sub for attribute in node.attribute for sub in attribute.graphs]
-
-
-def _uses(node) -> set[str]:
-    """Every value `node` reads, its subgraphs' outer-scope references included."""
-    names = set(node.input)
-    for graph in _subgraphs(node):
-        for inner in _graphs(graph):
-            for sub in inner.node:
-                names.update(sub.input)
-    return names
-
-
-def kept_float32_nodes(model) -> dict[str, list[str]]:
-    """Names of the nodes that stay float32 in every precision: {'probe': [...], 'projection': [...]}.
-
-    Searched in the main graph and in every nested graph (the probe runs in the decoder's `If`
-    branch for the prompt step). Empty lists for graphs without them (vision, embeddings).
-    """
-    probe: list[str] = []
-    projection: list[str] = []
-    initializers = {init.name for graph in _graphs(model.graph) for init in graph.initializer}
-    for graph in _graphs(model.graph):
-        producer = {out: node for node in graph.node for out in node.output}
-        consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
-        outputs = {value.name for value in graph.output}
-
-        # the probe head and everything after it in this graph
-        frontier = [node for node in graph.node if any(PROBE_INITIALIZER in name for name in node.input)]
-        seen: set[str] = set()
-        while frontier:
-            node = frontier.pop()
-            if node.name in seen:
-                continue
-            seen.add(node.name)
-            probe.append(node.name)
-            for out in node.output:
-                if out not in outputs:
-                    frontier.extend(consumers.get(out, []))
-
-        # the projection: alpha = ReduceSum(H_s * WH_f) / (ReduceSum(WH_f * WH_f) + eps), then alpha * WH_f
-        for div in (node for node in graph.node if node.op_type == "Div"):
-            numerator, denominator = (producer.get(name) for name in div.input[:2])
-            if numerator is None or numerator.op_type != "ReduceSum" or denominator is None:
-                continue
-            sums, eps_add = [numerator], None
-            if denominator.op_type == "Add":
-                eps_add = denominator
-                sums += [producer[name] for name in denominator.input
-                         if name in producer and producer[name].op_type == "ReduceSum"]
-            elif denominator.op_type == "ReduceSum":
-                sums.append(denominator)
-            if len(sums) != 2:
-                continue
-            products = [producer[s.input[0]] for s in sums if s.input[0] in producer
-                        and producer[s.input[0]].op_type == "Mul"]
-            semantic = [producer[name] for mul in products for name in mul.input
-                        if name in producer and producer[name].op_type in ("MatMul", "Gemm")
-                        and len(producer[name].input) > 1 and producer[name].input[1] in initializers]
-            scaled = [node for node in consumers.get(div.output[0], []) if node.op_type == "Mul"]
-            block = [div, *sums, *products, *semantic, *scaled] + ([eps_add] if eps_add is not None else [])
-            projection.extend(dict.fromkeys(node.name for node in block))
-    # `unsafe_prob` leaves the probe's If branch: the other branch's value for that output (the "not
-    # computed" constant) is kept float32 too, so the If output has one type, float32.
-    for graph in _graphs(model.graph):
-        for node in (node for node in graph.node if node.op_type == "If"):
-            branches = _subgraphs(node)
-            for position in range(len(node.output)):
-                if not any(_made_by(branch, branch.output[position].name, set(probe)) for branch in branches):
-                    continue
-                for branch in branches:
-                    if _made_by(branch, branch.output[position].name, set(probe)):
-                        continue
-                    made = _ancestors(branch, branch.output[position].name)
-                    probe.extend(name for name in made if name not in probe)
-    return {"probe": probe, "projection": projection}
-
-
-def _ancestors(graph, value: str) -> list[str]:
-    """Names of the nodes of `graph` that `value` depends on (within the graph)."""
-    producer = {out: node for node in graph.node for out in node.output}
-    names, frontier = [], [value]
-    while frontier:
-        node = producer.get(frontier.pop())
-        if node is None or node.name in names:
-            continue
-        names.append(node.name)
-        frontier.extend(node.input)
-    return names
-
-
-def _made_by(graph, value: str, nodes: set[str]) -> bool:
-    producer = {out: node for node in graph.node for out in node.output}
-    return value in producer and producer[value].name in nodes
-
-
-def _unnamed_to_named(model) -> None:
-    """Give every node a unique name (block lists and exclusions are by name)."""
-    used = {node.name for graph in _graphs(model.graph) for node in graph.node if node.name}
-    count = 0
-    for graph in _graphs(model.graph):
-        for node in graph.node:
-            if not node.name:
-                while f"sasa_unnamed_{count}" in used:
-                    count += 1
-                node.name = f"sasa_unnamed_{count}"
-                used.add(node.name)
 
 
 # ----- int4 ----------------------------------------------------------------------------------------------------
@@ -222,7 +96,7 @@ def quantize_int4(model, block_size: int = DEFAULT_BLOCK_SIZE, exclude: Iterable
     model = quantizer.model.model
     # A weight read by two MatMuls (main graph and the probe branch) is quantized once per MatMul into the
     # same names: keep one copy of each.
-    for graph in _graphs(model.graph):
+    for graph in walk_graphs(model.graph):
         unique = list({init.name: init for init in graph.initializer}.values())
         if len(unique) != len(graph.initializer):
             graph.ClearField("initializer")
@@ -239,7 +113,7 @@ def _fold_weight_transposes(model, exclude: set[str]) -> int:
     """
     from onnx import numpy_helper
 
-    graphs = list(_graphs(model.graph))
+    graphs = list(walk_graphs(model.graph))
     inits = {init.name: (graph, init) for graph in graphs for init in graph.initializer}
     producers = {out: (graph, node) for graph in graphs for node in graph.node for out in node.output}
     folded: dict[str, str] = {}
@@ -320,7 +194,7 @@ def _repair_fp16(model) -> None:
                 if _cast_to(back) == FLOAT:
                     rename[back.output[0]] = node.input[0]
     added = [node for node in added if node.output[0] not in rename]
-    for graph in _graphs(main):
+    for graph in walk_graphs(main):
         for node in graph.node:
             for index, name in enumerate(node.input):
                 if name in rename:
@@ -330,7 +204,7 @@ def _repair_fp16(model) -> None:
     for node in list(main.node):
         if node.op_type != "If":
             continue
-        branches = _subgraphs(node)
+        branches = subgraphs(node)
         for position, out in enumerate(node.output):
             casts = []
             for branch in branches:
@@ -353,14 +227,14 @@ def _repair_fp16(model) -> None:
                     node.output[position] = cast.output[0]
 
     # 1. each remaining added Cast into the graph whose nodes read its output, before the first reader
-    graphs = list(_graphs(main))
+    graphs = list(walk_graphs(main))
     for cast in added:
         reading = [graph for graph in graphs if any(cast.output[0] in reader.input for reader in graph.node)
                    or cast.output[0] in {value.name for value in graph.output}]
         if not reading:  # only kept nodes read it, and they now read the float32 value
             continue
         target = reading[0] if len(reading) == 1 else main  # readers in several graphs: the main one sees all
-        readers = [index for index, reader in enumerate(target.node) if cast.output[0] in _uses(reader)]
+        readers = [index for index, reader in enumerate(target.node) if cast.output[0] in uses(reader)]
         producers = [index for index, node in enumerate(target.node) if cast.input[0] in node.output]
         position = min(readers) if readers else len(target.node)
         if producers and producers[0] >= position:  # read before it is made: after its producer
@@ -369,7 +243,7 @@ def _repair_fp16(model) -> None:
 
 
 # ----- files ---------------------------------------------------------------------------------------------------
-def _graph_files(onnx_dir: Path) -> list[Path]:
+def graph_files(onnx_dir: Path) -> list[Path]:
     return sorted(onnx_dir.glob("*.onnx"))
 
 
@@ -378,7 +252,7 @@ def _data_files(model) -> set[str]:
     from onnx.external_data_helper import uses_external_data
 
     locations = set()
-    for graph in _graphs(model.graph):
+    for graph in walk_graphs(model.graph):
         for init in graph.initializer:
             if uses_external_data(init):
                 locations.update(entry.value for entry in init.external_data if entry.key == "location")
@@ -400,7 +274,7 @@ def convert_graph(source: Path, target: Path, precision: str, block_size: int = 
     import onnx
 
     model = onnx.load(str(source), load_external_data=False)
-    _unnamed_to_named(model)
+    name_unnamed_nodes(model)
     keep = kept_float32_nodes(model)
     kept = keep["probe"] + keep["projection"]
     if precision == "fp16":
@@ -411,7 +285,7 @@ def convert_graph(source: Path, target: Path, precision: str, block_size: int = 
     elif precision == "fp16":
         model = convert_fp16(model, keep=kept)
     _save(model, target)
-    ops = [node.op_type for graph in _graphs(model.graph) for node in graph.node]
+    ops = [node.op_type for graph in walk_graphs(model.graph) for node in graph.node]
     del model
     return {"kept_float32": keep, "matmul_nbits": ops.count("MatMulNBits"), "matmul_float": ops.count("MatMul")}
 
@@ -439,7 +313,7 @@ def convert_onnx_dir(source, out, precision: str, *, block_size: int = DEFAULT_B
     if config.get("precision", "fp32") != "fp32":
         raise PrecisionError(f"{source} is already {config['precision']}: convert the fp32 export")
     out.mkdir(parents=True)
-    graphs = _graph_files(source)
+    graphs = graph_files(source)
     data_files = set()
     record: dict[str, Any] = {"precision": precision, "graphs": {}}
     if precision == "int4":
@@ -474,159 +348,4 @@ def convert_onnx_dir(source, out, precision: str, *, block_size: int = DEFAULT_B
     record["file_bytes"] = {"fp32": artifact_bytes(source), precision: artifact_bytes(out)}
     record["total_bytes"] = {name: sum(sizes.values()) for name, sizes in record["file_bytes"].items()}
     (out / PRECISION_NAME).write_text(json.dumps(record, indent=2) + "\n")
-    return record
-
-
-# ----- the converted graphs against the fp32 ones (both through the project's runtime) -------------------------
-def compare_image(size: tuple[int, int] = (112, 168)):
-    """A deterministic picture with some text (for the image case of the comparison)."""
-    from PIL import Image, ImageDraw
-
-    height, width = size
-    y, x = np.mgrid[0:height, 0:width]
-    pixels = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + y) * 127 // (width + height)], -1)
-    image = Image.fromarray(pixels.astype(np.uint8))
-    ImageDraw.Draw(image).text((8, height // 2), "precision check", fill=(0, 0, 0))
-    return image
-
-
-def default_cases() -> list[tuple[str, Any]]:
-    """(prompt, image or None): the text prompts, and the first with an image."""
-    return [(prompt, None) for prompt in COMPARE_PROMPTS] + [("Describe this picture in one sentence.",
-                                                              compare_image())]
-
-
-def run_cases(onnx_dir, cases: list, new_tokens: int = COMPARE_NEW_TOKENS,
-              threads: int | None = None, repeats: int = 1) -> dict[str, Any]:
-    """One artifact on every case (greedy, batch 1): unsafe_prob, flag, tokens, last prefill logits, timings.
-
-    A case is (prompt, image or None), rendered with the artifact's chat template, or a dict with
-    `input_ids` [1, T] (and `images`, prepared) for artifacts without a tokenizer.
-
-    The session is dropped before returning, so two artifacts are never resident together.
-    `repeats` > 1 times the decode of every case that many times (same tokens, ms/token each time).
-    """
-    from sasa_patcher.export.onnx_runtime import OnnxVlm
-
-    runtime = OnnxVlm(onnx_dir, providers=["CPUExecutionProvider"], threads=threads)
-    threshold = runtime.config["sasa"].get("threshold")
-    results = []
-    for case in cases:
-        if isinstance(case, dict):  # token ids made by the caller (artifacts without a tokenizer)
-            input_ids, images = np.asarray(case["input_ids"], np.int64), list(case.get("images", []))
-        else:
-            input_ids, images = runtime.encode_prompt(*case)
-        mask = np.ones_like(input_ids)
-        timings = []
-        for _ in range(max(1, repeats)):
-            started = time.perf_counter()
-            generation = runtime.generate(input_ids, mask, images, new_tokens, eos_token_ids=[])
-            timings.append(time.perf_counter() - started)
-        prob = float(generation.unsafe_prob[0])
-        results.append({
-            "prompt_tokens": int(input_ids.shape[1]), "images": len(images), "unsafe_prob": prob,
-            "flagged": bool(threshold is not None and prob > threshold),
-            "tokens": [int(t) for t in generation.tokens[0]],
-            "last_logits": np.asarray(generation.prefill_logits[0, -1], np.float32),
-            "seconds": timings,
-        })
-    del runtime
-    return {"threshold": threshold, "results": results}
-
-
-def compare_runs(reference: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
-    """Figures of `candidate` against `reference` (same cases, same order)."""
-    pairs = list(zip(reference["results"], candidate["results"], strict=True))
-    prob_diffs = [abs(a["unsafe_prob"] - b["unsafe_prob"]) for a, b in pairs]
-    logit_diffs = [float(np.abs(a["last_logits"] - b["last_logits"]).max()) for a, b in pairs]
-    agreement = []
-    for a, b in pairs:
-        n = min(len(a["tokens"]), len(b["tokens"]))
-        same = next((i for i in range(n) if a["tokens"][i] != b["tokens"][i]), n)
-        agreement.append((same, n))
-    return {
-        "cases": len(pairs),
-        "flag_agreement": sum(a["flagged"] == b["flagged"] for a, b in pairs) / max(len(pairs), 1),
-        "flagged": {"reference": sum(a["flagged"] for a, _ in pairs), "candidate": sum(b["flagged"] for _, b in pairs)},
-        "unsafe_prob_max_abs_diff": max(prob_diffs, default=0.0),
-        "unsafe_prob_mean_abs_diff": float(np.mean(prob_diffs)) if prob_diffs else 0.0,
-        "last_logits_max_abs_diff": max(logit_diffs, default=0.0),
-        "tokens_identical_cases": sum(same == n for same, n in agreement),
-        # greedy-token agreement: the share of new tokens before the first divergence, over all cases
-        "token_prefix_agreement": sum(same for same, _ in agreement) / max(sum(n for _, n in agreement), 1),
-    }
-
-
-def fp16_runs_on_cpu(onnx_dir) -> str | None:
-    """None when ONNX Runtime's CPU provider loads every graph of `onnx_dir`, else the first error line."""
-    import onnxruntime as ort
-
-    for path in _graph_files(Path(onnx_dir)):
-        try:
-            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types
-            return f"{path.name}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
-    return None
-
-
-def precision_parity(fp32_dir, converted_dir, cases: list | None = None,
-                     new_tokens: int = COMPARE_NEW_TOKENS) -> dict[str, Any]:
-    """The converted artifact against its fp32 source through the project's runtime (CPU), one at a time."""
-    config = json.loads((Path(converted_dir) / CONFIG_NAME).read_text())
-    precision = config.get("precision", "fp32")
-    if cases is None:
-        if not config.get("tokenizer_file") or "prompt_format" not in config and "chat_template" not in config:
-            return {"precision": precision, "skipped": "the artifact has no tokenizer or chat template to render "
-                                                       "the comparison prompts with"}
-        cases = default_cases()
-    unavailable = fp16_runs_on_cpu(converted_dir) if precision == "fp16" else None
-    if unavailable:
-        return {"precision": precision, "skipped": f"ONNX Runtime's CPU provider cannot run the fp16 graphs "
-                                                   f"({unavailable}); run them on CUDA"}
-    reference = run_cases(fp32_dir, cases, new_tokens)
-    candidate = run_cases(converted_dir, cases, new_tokens)
-    figures = compare_runs(reference, candidate)
-    figures.update({"precision": precision, "reference": "fp32 ONNX (same export)", "new_tokens": new_tokens,
-                    "provider": "CPUExecutionProvider",
-                    "unsafe_prob": {"fp32": [r["unsafe_prob"] for r in reference["results"]],
-                                    precision: [r["unsafe_prob"] for r in candidate["results"]]}})
-    return figures
-
-
-def replace_with_precision(onnx_dir, precision: str, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                           check: bool = True, log: Log | None = None) -> dict[str, Any]:
-    """The patch pipeline's step after the fp32 export and its parity: `onnx_dir` becomes `precision`.
-
-    Converts into a sibling, measures it against the fp32 graphs (`precision_parity`, when `check`
-    and the artifact has a tokenizer), adds the record to `parity.json` under `precision`, then puts
-    the converted directory in the place of the fp32 one. Returns the record.
-    """
-    log = log or (lambda message: None)
-    onnx_dir = Path(onnx_dir)
-    staged = onnx_dir.with_name(f"{onnx_dir.name}.{precision}")
-    shutil.rmtree(staged, ignore_errors=True)
-    record = convert_onnx_dir(onnx_dir, staged, precision, block_size=block_size, log=log)
-    sizes = {name: f"{total / 1024**2:.0f} MiB" for name, total in record["total_bytes"].items()}
-    log(f"ONNX graphs converted to {precision} in {record['convert_seconds']:.1f}s: {sizes[precision]} "
-        f"(fp32 {sizes['fp32']})")
-    if not check:
-        record["parity"] = {"skipped": "not requested"}
-    else:
-        started = time.perf_counter()
-        record["parity"] = precision_parity(onnx_dir, staged)
-        record["parity_seconds"] = round(time.perf_counter() - started, 2)
-    parity = record["parity"]
-    if "skipped" in parity:
-        log(f"{precision} parity skipped: {parity['skipped']}")
-    else:
-        log(f"{precision} vs fp32 on {parity['cases']} prompts: flag agreement {parity['flag_agreement']:.2f}, "
-            f"unsafe_prob max diff {parity['unsafe_prob_max_abs_diff']:.2g}, greedy tokens identical in "
-            f"{parity['tokens_identical_cases']}/{parity['cases']}")
-    (staged / PRECISION_NAME).write_text(json.dumps(record, indent=2) + "\n")
-    summary_path = onnx_dir / PARITY_NAME
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary["precision"] = record
-    (staged / PARITY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(onnx_dir)
-    staged.rename(onnx_dir)
     return record

@@ -327,7 +327,7 @@ def export_stage(options: PatchOptions, result: PatchResult, staging: Path, plot
         log(f"ONNX artifact written in {clock.done('export_onnx'):.1f}s; parity figures in "
             "onnx/parity.json")
         if options.onnx_precision != "fp32":  # after the fp32 export and its parity against PyTorch
-            from sasa_patcher.export.onnx_precision import replace_with_precision
+            from sasa_patcher.export.onnx_precision_parity import replace_with_precision
 
             replace_with_precision(staging / "onnx", options.onnx_precision, log=log)
             log(f"ONNX graphs in {options.onnx_precision} in {clock.done('onnx_precision'):.1f}s; "

@@ -19,16 +19,10 @@ from test_onnx_export import TINY_IMAGE_SIZE, tiny_cases, tiny_patched
 from sasa_patcher.cli import patch as patch_cli
 from sasa_patcher.cli import quantize_onnx
 from sasa_patcher.export.onnx_export import export_onnx
+from sasa_patcher.export.onnx_float32 import kept_float32_nodes
 from sasa_patcher.export.onnx_names import CONFIG_NAME, DECODER_FILE, PARITY_NAME
-from sasa_patcher.export.onnx_precision import (
-    PRECISION_NAME,
-    PrecisionError,
-    compare_runs,
-    convert_onnx_dir,
-    kept_float32_nodes,
-    replace_with_precision,
-    run_cases,
-)
+from sasa_patcher.export.onnx_precision import PRECISION_NAME, PrecisionError, convert_onnx_dir
+from sasa_patcher.export.onnx_precision_parity import compare_runs, replace_with_precision, run_cases
 
 INT4_PROB_TOLERANCE = 0.15
 INT4_LOGITS_RELATIVE_TOLERANCE = 0.25

@@ -27,8 +27,8 @@ from sasa_patcher.export.onnx_precision import (
     PrecisionError,
     check_precision,
     convert_onnx_dir,
-    precision_parity,
 )
+from sasa_patcher.export.onnx_precision_parity import precision_parity
 from sasa_patcher.export.onnx_runtime import find_onnx_dir
 
 
