@@ -143,6 +143,15 @@ def precision_parity(fp32_dir, converted_dir, cases: list | None = None,
     return figures
 
 
+def describe_parity(precision: str, parity: dict[str, Any]) -> str:
+    """One log line: the converted graphs against fp32, or why the comparison was skipped."""
+    if "skipped" in parity:
+        return f"{precision} comparison skipped: {parity['skipped']}"
+    return (f"{precision} vs fp32 on {parity['cases']} prompts: flag agreement {parity['flag_agreement']:.2f}, "
+            f"unsafe_prob max diff {parity['unsafe_prob_max_abs_diff']:.2g}, greedy tokens identical in "
+            f"{parity['tokens_identical_cases']}/{parity['cases']}")
+
+
 def replace_with_precision(onnx_dir, precision: str, *, block_size: int = DEFAULT_BLOCK_SIZE,
                            check: bool = True, log: Log | None = None) -> dict[str, Any]:
     """The patch pipeline's step after the fp32 export and its parity: `onnx_dir` becomes `precision`.
@@ -165,13 +174,7 @@ def replace_with_precision(onnx_dir, precision: str, *, block_size: int = DEFAUL
         started = time.perf_counter()
         record["parity"] = precision_parity(onnx_dir, staged)
         record["parity_seconds"] = round(time.perf_counter() - started, 2)
-    parity = record["parity"]
-    if "skipped" in parity:
-        log(f"{precision} parity skipped: {parity['skipped']}")
-    else:
-        log(f"{precision} vs fp32 on {parity['cases']} prompts: flag agreement {parity['flag_agreement']:.2f}, "
-            f"unsafe_prob max diff {parity['unsafe_prob_max_abs_diff']:.2g}, greedy tokens identical in "
-            f"{parity['tokens_identical_cases']}/{parity['cases']}")
+    log(describe_parity(precision, record["parity"]))
     (staged / PRECISION_NAME).write_text(json.dumps(record, indent=2) + "\n")
     summary_path = onnx_dir / PARITY_NAME
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}

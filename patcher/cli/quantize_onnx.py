@@ -28,7 +28,7 @@ from sasa_patcher.export.onnx_precision import (
     check_precision,
     convert_onnx_dir,
 )
-from sasa_patcher.export.onnx_precision_parity import precision_parity
+from sasa_patcher.export.onnx_precision_parity import describe_parity, precision_parity
 from sasa_patcher.export.onnx_runtime import find_onnx_dir
 
 
@@ -73,13 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         except PrecisionError as error:
             raise UserInputError(str(error)) from None
         if not args.no_check:
-            record["parity"] = parity = precision_parity(source, staged)
-            if "skipped" in parity:
-                log(f"comparison skipped: {parity['skipped']}")
-            else:
-                log(f"{args.precision} vs fp32 on {parity['cases']} prompts: flag agreement "
-                    f"{parity['flag_agreement']:.2f}, unsafe_prob max diff {parity['unsafe_prob_max_abs_diff']:.2g}, "
-                    f"greedy tokens identical in {parity['tokens_identical_cases']}/{parity['cases']}")
+            record["parity"] = precision_parity(source, staged)
+            log(describe_parity(args.precision, record["parity"]))
             (staged / PRECISION_NAME).write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
