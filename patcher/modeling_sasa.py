@@ -265,6 +265,20 @@ class SasaMixin:
         return self.model.language_model
 
     def sasa_input_embeddings(self, input_ids, inputs_embeds, multimodal: dict) -> torch.Tensor:
+        """Token embeddings with every image's features at its placeholder tokens (row-major, as upstream)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.model.get_input_embeddings()(input_ids)
+        if multimodal.get("pixel_values") is None:
+            return inputs_embeds
+        features = self.sasa_image_features(multimodal).to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(self.sasa_image_mask(input_ids, inputs_embeds, features), features)
+
+    def sasa_image_features(self, multimodal: dict) -> torch.Tensor:
+        """Every image's features, [image tokens of all images, hidden]: what replaces the placeholders."""
+        raise NotImplementedError
+
+    def sasa_image_mask(self, input_ids, inputs_embeds, features: torch.Tensor) -> torch.Tensor:
+        """Where the image features go: the base model's placeholder mask for images."""
         raise NotImplementedError
 
     def sasa_positions(self, position_ids, input_ids, attention_mask, past_length, embeds, cache, multimodal):
@@ -514,16 +528,13 @@ class _QwenVLAdapter(SasaMixin):
     def sasa_input_embeddings(self, input_ids, inputs_embeds, multimodal: dict) -> torch.Tensor:
         if multimodal.get("pixel_values_videos") is not None:
             raise NotImplementedError("video inputs are not supported by the SASA patch yet")
-        if inputs_embeds is None:
-            inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        if multimodal.get("pixel_values") is None:
-            return inputs_embeds
-        image_embeds = self.sasa_image_features(multimodal).to(inputs_embeds.device, inputs_embeds.dtype)
-        image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_embeds)
-        return inputs_embeds.masked_scatter(image_mask, image_embeds)
+        return super().sasa_input_embeddings(input_ids, inputs_embeds, multimodal)
+
+    def sasa_image_mask(self, input_ids, inputs_embeds, features: torch.Tensor) -> torch.Tensor:
+        image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=features)
+        return image_mask
 
     def sasa_image_features(self, multimodal: dict) -> torch.Tensor:
-        """Every image's features, [image tokens of all images, hidden]: what replaces the placeholders."""
         grid = multimodal["image_grid_thw"]
         features = self.model.get_image_features(multimodal["pixel_values"], grid, return_dict=True).pooler_output
         return torch.cat(list(features), dim=0)
@@ -587,17 +598,10 @@ class SasaLlavaForConditionalGeneration(SasaMixin, LlavaForConditionalGeneration
 
     _sasa_architecture = "llava"
 
-    def sasa_input_embeddings(self, input_ids, inputs_embeds, multimodal: dict) -> torch.Tensor:
-        if inputs_embeds is None:
-            inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        if multimodal.get("pixel_values") is None:
-            return inputs_embeds
-        image_features = self.sasa_image_features(multimodal).to(inputs_embeds.device, inputs_embeds.dtype)
-        image_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features)
-        return inputs_embeds.masked_scatter(image_mask, image_features)
+    def sasa_image_mask(self, input_ids, inputs_embeds, features: torch.Tensor) -> torch.Tensor:
+        return self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=features)
 
     def sasa_image_features(self, multimodal: dict) -> torch.Tensor:
-        """Every image's features, [image tokens of all images, hidden]: what replaces the placeholders."""
         features = self.model.get_image_features(
             pixel_values=multimodal["pixel_values"],
             vision_feature_layer=multimodal.get("vision_feature_layer", self.config.vision_feature_layer),
