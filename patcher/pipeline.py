@@ -84,9 +84,7 @@ class PatchOptions:
             raise UserInputError(f"--policy: {error}") from None
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not self.formats or any(part not in FORMATS for part in self.formats):
-            raise UserInputError(f"--format takes a comma-separated subset of {', '.join(FORMATS)}, "
-                                 f"got {','.join(self.formats)!r}")
+        check_formats(self.formats, ",".join(self.formats))
         check_device(self.device)
         from sasa_patcher.export.onnx_precision import PRECISIONS
 
@@ -115,9 +113,13 @@ class PatchOptions:
 def parse_formats(text: str) -> tuple[str, ...]:
     """`--format safetensors,onnx` as a tuple; an unknown or empty list is bad input."""
     formats = tuple(part.strip() for part in text.split(",") if part.strip())
+    check_formats(formats, text)
+    return formats
+
+
+def check_formats(formats: tuple[str, ...], text: str) -> None:
     if not formats or any(part not in FORMATS for part in formats):
         raise UserInputError(f"--format takes a comma-separated subset of {', '.join(FORMATS)}, got {text!r}")
-    return formats
 
 
 @dataclass
@@ -365,10 +367,6 @@ def calibration_lines(report) -> list[str]:
                                  f"{format_metric(value.get('loso_mean_auroc'))}"
                                  for name, value in metrics["candidates"].items())
                      + f" -> {report.feature} ({metrics.get('features_chosen_by', 'given')})")
-    elif metrics.get("candidates_cv_auroc"):
-        lines.append("probe features (cross-validated AUROC on the calibration split): "
-                     + ", ".join(f"{name} {value:.3f}" for name, value in metrics["candidates_cv_auroc"].items())
-                     + f" -> {report.feature}")
     lines.append(f"held-out ({held['n_harmful']} harmful, {held['n_benign']} benign): AUROC {held['auroc']:.3f}, "
                  f"TPR {held['tpr']:.3f}, FPR {held['fpr']:.3f} at threshold {report.threshold:.4f} "
                  f"(target FPR {report.target_fpr:.2f} on calibration data)")
