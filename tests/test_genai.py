@@ -206,19 +206,13 @@ def test_genai_generates_like_pytorch(tmp_path, family):
 @pytest.mark.slow  # ~4 min here: the 30-layer decoder export
 @pytest.mark.integration
 def test_embedded_smol_qwen25_vl_runs_in_genai(tmp_path):
-    from sasa_patcher.loading import load_model
-    from sasa_patcher.patching import default_layers
+    from embedded_patch import patched_embedded
 
-    loaded = load_model("smol-qwen2.5-vl")
-    num_layers = loaded.model.config.get_text_config().num_hidden_layers
-    settings = SasaSettings(*default_layers(num_layers), mode="gate")
-    model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
-    weight = model.sasa_probe.linear.weight
-    weight.data = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    model, processor = patched_embedded("smol-qwen2.5-vl", random_probe=True)
     started = time.perf_counter()
-    export_onnx(model, loaded.processor, tmp_path / "onnx", check_parity=False)
+    export_onnx(model, processor, tmp_path / "onnx", check_parity=False)
     print(f"export {time.perf_counter() - started:.0f}s")
-    results = check_cases(model, loaded.processor, tmp_path / "onnx", tmp_path)
+    results = check_cases(model, processor, tmp_path / "onnx", tmp_path)
     print(json.dumps(results))
     for result in results:
         assert result["tokens_equal"], result

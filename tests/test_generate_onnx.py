@@ -237,14 +237,10 @@ def test_script_rejects_a_directory_without_artifact(tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_script_answers_like_pytorch_on_the_embedded_model(tmp_path):
-    from sasa_patcher.loading import load_model
-    from sasa_patcher.patching import default_layers
+    from embedded_patch import patched_embedded
 
-    loaded = load_model("smol-qwen-vl")
-    num_layers = loaded.model.config.get_text_config().num_hidden_layers
-    settings = SasaSettings(*default_layers(num_layers), mode="gate")
-    model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
-    export_onnx(model, loaded.processor, tmp_path / "out" / "onnx", check_parity=False)
+    model, processor = patched_embedded("smol-qwen-vl")
+    export_onnx(model, processor, tmp_path / "out" / "onnx", check_parity=False)
     size = json.loads((tmp_path / "out" / "onnx" / CONFIG_NAME).read_text())["image"]["sizes"][0]
     image = make_image(tuple(size), seed=5)
     image.save(tmp_path / "picture.png")
@@ -252,7 +248,7 @@ def test_script_answers_like_pytorch_on_the_embedded_model(tmp_path):
         args = ["--prompt", prompt, "--max-new-tokens", "32"]
         if picture is not None:
             args += ["--image", str(tmp_path / "picture.png")]
-        expected = pytorch_answer(model, loaded.processor, prompt, picture, max_new_tokens=32)
+        expected = pytorch_answer(model, processor, prompt, picture, max_new_tokens=32)
         result = run_script(tmp_path / "out", *args, tmp_path=tmp_path)
         print(f"\n{prompt!r} -> {result.stdout.strip()!r}")
         assert result.stdout == expected + "\n"

@@ -218,18 +218,11 @@ def test_non_float32_model_is_refused(tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["smol-qwen-vl", "smol-llava"])
 def test_embedded_model_export_parity(tmp_path, name):
-    from sasa_patcher.loading import load_model
-    from sasa_patcher.patching import default_layers
+    from embedded_patch import patched_embedded
 
-    loaded = load_model(name)
-    num_layers = loaded.model.config.get_text_config().num_hidden_layers
-    settings = SasaSettings(*default_layers(num_layers), mode="gate")
-    model = patch_model(loaded.model, settings, loaded.processor.tokenizer)
-    # A random probe scaled to |w . x| ~ 1 over the ~50k projected logits: probabilities away from 0 and 1.
-    weight = model.sasa_probe.linear.weight
-    weight.data = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    model, processor = patched_embedded(name, random_probe=True)
     started = time.perf_counter()
-    summary = export_onnx(model, loaded.processor, tmp_path)
+    summary = export_onnx(model, processor, tmp_path)
     elapsed = time.perf_counter() - started
     sizes = {name: f"{size / 2**20:.1f} MiB" for name, size in summary["file_bytes"].items()}
     print(f"\n{name}: export + parity {elapsed:.0f}s, graphs {summary['export_seconds']}, "
@@ -243,7 +236,7 @@ def test_embedded_model_export_parity(tmp_path, name):
     # Why the logits tolerance is relative on this model: ONNX Runtime's fp32 error is of the size of
     # PyTorch's own fp32 error against float64 arithmetic (30 layers, |logit| ~ 40). Measured here so
     # the relative tolerance stays justified: ORT may not drift further than twice PyTorch's own error.
-    text_case = next(case for case in default_parity_cases(model, loaded.processor, tuple(summary["image_size"]))
+    text_case = next(case for case in default_parity_cases(model, processor, tuple(summary["image_size"]))
                      if case["name"] == "text-batch1")
     batch = {key: value for key, value in text_case.items() if key != "name"}
     with torch.no_grad():
