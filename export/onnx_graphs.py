@@ -245,6 +245,20 @@ def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, 
     _name_ir_axes(model, {("inputs_embeds", 0): "batch", ("inputs_embeds", 1): "sequence_length",
                           ("attention_mask", 1): "total_sequence_length", (past_names[0], 2): "past_sequence_length"})
     _save_ir(model, path, threshold)
+    _drop_ir_weights(model)
+
+
+def _drop_ir_weights(model) -> None:
+    """Detach the saved graph from the PyTorch weights its initializers wrap.
+
+    Why: onnxscript's module-level rewrite rules (used by `optimize=True`) keep their last matched
+    node, hence this graph and every initializer, alive after the export returns; the initializers
+    wrap the model's parameters, so the weights (mapped checkpoint pages included) stayed resident
+    through the ONNX Runtime parity check even after the pipeline released the model (at 2B: 8.4 GiB).
+    """
+    for value in model.graph.initializers.values():
+        value.const_value = None
+    model.graph.initializers.clear()
 
 
 def _save_ir(model, path: Path, threshold: int) -> None:
