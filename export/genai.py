@@ -32,6 +32,8 @@ The gate with GenAI alone (`d` is the ONNX directory; the threshold is read from
         print(tokenizer.decode(tokens))
 
 `prompt` is the chat-templated text with one `<|vision_start|><|image_pad|><|vision_end|>` per image.
+`og.Images.open` uses GenAI's own decoder: PNG and JPEG only, alpha dropped rather than composited over
+white as transformers does; `GenAiVlm` (the generate CLI's GenAI path) hands it Pillow-decoded RGB PNG.
 This module imports neither torch nor onnxruntime_genai at import time: the generate CLI uses it.
 """
 
@@ -77,25 +79,79 @@ def has_genai_config(onnx_dir) -> bool:
     return (Path(onnx_dir) / GENAI_CONFIG_NAME).is_file()
 
 
-def graphs_from_genai(genai: dict[str, Any]) -> dict[str, Any]:
-    """The runtime's view of the graphs (files, tensor names, decoder I/O order) from `genai_config.json`."""
-    model = genai["model"]
-    decoder, embedding, vision = model["decoder"], model["embedding"], model["vision"]
-    layers = range(decoder["num_hidden_layers"])
-    inputs, outputs = decoder["inputs"], decoder["outputs"]
-    past = [inputs[f"past_{kind}_names"] % layer for layer in layers for kind in ("key", "value")]
-    present = [outputs[f"present_{kind}_names"] % layer for layer in layers for kind in ("key", "value")]
+def _artifact_error(message: str) -> Exception:
+    from sasa_patcher.export.onnx_runtime import ArtifactError  # lazy: onnx_runtime imports this module
+
+    return ArtifactError(message)
+
+
+def _lookup(genai: dict[str, Any], dotted: str, source: str) -> Any:
+    """`genai["model"]["decoder"]...` by a dotted path; a missing key is one ArtifactError naming it."""
+    node: Any = genai
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise _artifact_error(f"{source} lacks {dotted}: re-export the artifact")
+        node = node[key]
+    return node
+
+
+def graphs_from_genai(genai: dict[str, Any], source: str = GENAI_CONFIG_NAME) -> dict[str, Any]:
+    """The runtime's view of the graphs (files, tensor names, decoder I/O order) from `genai_config.json`.
+
+    A missing key raises `ArtifactError` naming it (`source`: the file, for the message).
+    """
+    def get(dotted: str) -> Any:
+        return _lookup(genai, dotted, source)
+
+    layers = range(get("model.decoder.num_hidden_layers"))
+    past = [get(f"model.decoder.inputs.past_{kind}_names") % layer for layer in layers for kind in ("key", "value")]
+    present = [get(f"model.decoder.outputs.present_{kind}_names") % layer
+               for layer in layers for kind in ("key", "value")]
+    names = {key: get(f"model.decoder.inputs.{key}") for key in ("inputs_embeds", "attention_mask", "position_ids")}
     return {
-        "vision_encoder": {"file": vision["filename"], "names": {**vision["inputs"], **vision["outputs"]}},
-        "embed_tokens": {"file": embedding["filename"], "names": {**embedding["inputs"], **embedding["outputs"]}},
+        "vision_encoder": {"file": get("model.vision.filename"),
+                           "names": {**get("model.vision.inputs"), **get("model.vision.outputs")}},
+        "embed_tokens": {"file": get("model.embedding.filename"),
+                         "names": {**get("model.embedding.inputs"), **get("model.embedding.outputs")}},
         "decoder": {
-            "file": decoder["filename"],
-            "names": {key: inputs[key] for key in ("inputs_embeds", "attention_mask", "position_ids")},
-            "inputs": [inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"], *past],
-            "outputs": [outputs["logits"], "unsafe_prob", *present],
+            "file": get("model.decoder.filename"),
+            "names": names,
+            "inputs": [*names.values(), *past],
+            "outputs": [get("model.decoder.outputs.logits"), "unsafe_prob", *present],
             "position_rows": 3,
         },
     }
+
+
+def read_genai_config(onnx_dir) -> dict[str, Any]:
+    """`genai_config.json`, checked as GenAI needs it: present, valid JSON, graph and processor files named and
+    on disk. Every failure is one `ArtifactError` line naming the file and the fix."""
+    onnx_dir = Path(onnx_dir)
+    path = onnx_dir / GENAI_CONFIG_NAME
+    if not path.is_file():
+        try:
+            servable = "graphs" in json.loads((onnx_dir / CONFIG_NAME).read_text())
+        except (OSError, ValueError):
+            servable = False
+        if servable:  # an augment-mode or LLaVA artifact: the project's runtime serves it
+            raise _artifact_error(f"{onnx_dir} has no {GENAI_CONFIG_NAME} (ONNX Runtime GenAI serves gate-mode "
+                                  "Qwen2-VL and Qwen2.5-VL artifacts only): use --runtime onnxruntime")
+        raise _artifact_error(f"{path} is missing: copy it with the artifact or re-export the artifact")
+    try:
+        genai = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise _artifact_error(f"{path} is not readable JSON ({error}): re-export the artifact") from None
+    graphs_from_genai(genai, str(path))  # every graph key
+    _lookup(genai, "model.context_length", str(path))
+    files = {_lookup(genai, key, str(path)): f"{GENAI_CONFIG_NAME} {key} names it"
+             for key in ("model.decoder.filename", "model.embedding.filename", "model.vision.filename",
+                         "model.vision.config_filename")}
+    files["tokenizer.json"] = "GenAI's tokenizer reads it"
+    for name, why in files.items():
+        if not (onnx_dir / str(name)).is_file():
+            raise _artifact_error(f"{onnx_dir / str(name)} is missing ({why}): copy it with the artifact or "
+                                  "re-export the artifact")
+    return genai
 
 
 # ----- writing the artifact (called by the exporter; takes the built sasa_onnx.json config) -------
@@ -216,7 +272,13 @@ def genai_installed() -> bool:
 
 
 class GenAiVlm:
-    """Greedy answers through ONNX Runtime GenAI's own loop, gated with the stored threshold."""
+    """Greedy answers through ONNX Runtime GenAI's own loop, gated with the stored threshold.
+
+    Bad artifacts and inputs raise the project runtime's `ArtifactError`, `ImageError` or `PromptTooLongError`
+    (one line each), never GenAI's own exceptions. Images are decoded by Pillow, as in the project's runtime
+    and transformers, and handed to GenAI as RGB PNG: GenAI's own decoder reads PNG and JPEG only (a WebP
+    or GIF ends the process), rejects CMYK JPEGs and drops alpha instead of compositing it over white.
+    """
 
     def __init__(self, onnx_dir):
         import onnxruntime_genai as og
@@ -224,28 +286,57 @@ class GenAiVlm:
         from sasa_patcher.export.onnx_runtime import ArtifactError, load_config
 
         self.og, self.dir = og, Path(onnx_dir)
+        genai = read_genai_config(self.dir)
         self.config = load_config(self.dir)  # the same checks as the ONNX Runtime path
+        try:
+            self.gate = read_gate(self.dir)
+        except (KeyError, TypeError) as error:
+            raise ArtifactError(f"{self.dir / CONFIG_NAME} lacks sasa.{error.args[0] if error.args else ''}: "
+                                "re-export the artifact") from None
         try:
             self.model = og.Model(str(self.dir))
             self.processor = self.model.create_multimodal_processor()
             self.tokenizer = og.Tokenizer(self.model)
         except Exception as error:  # noqa: BLE001 - GenAI raises RuntimeError/OSError with long messages
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ArtifactError(f"ONNX Runtime GenAI cannot load {self.dir}: {first}") from None
-        self.gate = read_gate(self.dir)
-        self.context_length = json.loads((self.dir / GENAI_CONFIG_NAME).read_text())["model"]["context_length"]
+            raise ArtifactError(f"ONNX Runtime GenAI cannot load {self.dir}: {first} (a file is damaged or "
+                                "incomplete: re-export the artifact)") from None
+        self.context_length = genai["model"]["context_length"]
 
-    def answer(self, prompt: str, images: list | None = None, max_new_tokens: int = 256) -> str:
+    def images(self, paths: list) -> Any:
+        """`og.Images` of `paths`, decoded by Pillow (unreadable files: ImageError) and passed as RGB PNG."""
+        import io
+
+        from sasa_patcher.export.onnx_preprocess import _to_rgb, open_image, smart_resize
+
+        settings = self.config["preprocessing"]
+        blobs = []
+        for path in paths:
+            image = _to_rgb(open_image(path))  # alpha over white, as transformers and the project's runtime
+            if settings.get("resize") == "smart":  # the same refusal as the project's runtime (aspect ratio)
+                smart_resize(image.height, image.width, settings["patch_size"] * settings["merge_size"],
+                             settings["min_pixels"], settings["max_pixels"])
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG", compress_level=1)  # lossless: GenAI sees Pillow's pixels
+            blobs.append(buffer.getvalue())
+        return self.og.Images.open_bytes(*blobs)
+
+    def inputs(self, prompt: str, images: list | None = None):
+        """GenAI's named input tensors (ids, pixels, grids) for one user turn with `images` shown first."""
+        from sasa_patcher.export.onnx_runtime import render_prompt
+
+        images = list(images or [])
+        text = render_prompt(self.config, prompt, len(images))
+        return self.processor(text, images=self.images(images) if images else None)
+
+    def generate(self, inputs, max_new_tokens: int = 256) -> tuple[list[int], float, bool]:
+        """Greedy new tokens (to the end-of-sequence token or the budget), the prompt's unsafe_prob, and whether
+        the gate refused (then no tokens). A prompt beyond the context length raises PromptTooLongError; a
+        budget beyond it is cut to fit, with a warning (as in the project's runtime)."""
         import warnings
 
-        from sasa_patcher.export.onnx_preprocess import open_image
-        from sasa_patcher.export.onnx_runtime import PromptTooLongError, render_prompt
+        from sasa_patcher.export.onnx_runtime import PromptTooLongError
 
-        images = [str(path) for path in images or []]
-        for path in images:  # one clear error for unreadable images, as in the ONNX Runtime path
-            open_image(path)
-        text = render_prompt(self.config, prompt, len(images))
-        inputs = self.processor(text, images=self.og.Images.open(*images) if images else None)
         length = inputs["input_ids"].as_numpy().shape[-1]
         if length >= self.context_length:
             raise PromptTooLongError(f"the prompt has {length} tokens; the model's context length is "
@@ -253,17 +344,26 @@ class GenAiVlm:
         if length + max_new_tokens > self.context_length:
             warnings.warn(f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) exceed the context length "
                           f"{self.context_length}: generating at most {self.context_length - length} tokens",
-                          stacklevel=2)
+                          stacklevel=3)
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=min(length + max_new_tokens, self.context_length), do_sample=False)
         generator = self.og.Generator(self.model, params)
         generator.set_inputs(inputs)
         generator.generate_next_token()  # the prompt step: the probe's verdict
-        if self.gate.refuses(float(generator.get_output("unsafe_prob")[0])):
-            return self.gate.refusal_text
+        unsafe_prob = float(generator.get_output("unsafe_prob")[0])
+        if self.gate.refuses(unsafe_prob):
+            return [], unsafe_prob, True
         eos = set(self.config["eos_token_id"])
         tokens = [int(generator.get_next_tokens()[0])]
         while not generator.is_done() and tokens[-1] not in eos:
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
+        return tokens, unsafe_prob, False
+
+    def answer(self, prompt: str, images: list | None = None, max_new_tokens: int = 256) -> str:
+        """Greedy answer to one prompt; the refusal text when the gate flags it."""
+        tokens, _, refused = self.generate(self.inputs(prompt, images), max_new_tokens)
+        if refused:
+            return self.gate.refusal_text
+        eos = set(self.config["eos_token_id"])
         return self.tokenizer.decode([token for token in tokens if token not in eos])

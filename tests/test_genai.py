@@ -2,9 +2,9 @@
 
 Only GenAI's own API on the GenAI side: `og.Model`, `create_multimodal_processor`, `og.Generator`,
 `get_output("unsafe_prob")` after the prompt step. The PyTorch side is the patched model's `generate`
-on GenAI's own token ids and (de-padded) pixels. Unit: tiny Qwen2-VL and Qwen2.5-VL with a small
-byte-level BPE tokenizer whose Qwen special tokens have low ids (so the ids provably come from the
-config). Integration: the embedded smol-qwen2.5-vl (real SmolLM2 weights and tokenizer).
+on GenAI's own token ids and (de-padded) pixels. Unit: tiny Qwen2-VL and Qwen2.5-VL (tests/tiny_genai.py:
+a small byte-level BPE tokenizer whose Qwen special tokens have low ids, so the ids provably come
+from the config). Integration: the embedded smol-qwen2.5-vl (real SmolLM2 weights and tokenizer).
 """
 
 from __future__ import annotations
@@ -15,89 +15,18 @@ import time
 import numpy as np
 import pytest
 import torch
+from tiny_genai import MARKER, exported
 
 from sasa_patcher.export.genai import GENAI_CONFIG_NAME, GENAI_PROCESSOR_NAME, read_gate
 from sasa_patcher.export.onnx_export import export_onnx
 from sasa_patcher.export.onnx_names import CONFIG_NAME
 from sasa_patcher.export.onnx_parity import PROB_TOLERANCE, parity_image
-from sasa_patcher.modeling_sasa import SasaSettings
-from sasa_patcher.patching import patch_model, temporary_settings
+from sasa_patcher.patching import temporary_settings
 
 og = pytest.importorskip("onnxruntime_genai")
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-            "<|video_pad|>"]
-MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
-TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + MARKER +
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 NEW_TOKENS = 8
 IMAGE_SIZES = ((120, 200), (150, 90))  # (H, W): a wide and a tall image -> grids [1, 8, 14] and [1, 10, 6]
-
-
-def tiny_processor():
-    """A 400-token byte-level BPE (Qwen split regex) trained in memory, and a small-pixel Qwen image processor."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2_5_VLProcessor, Qwen2TokenizerFast, Qwen2VLImageProcessorPil
-
-    from sasa_patcher.processors import image_only
-
-    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-             r"\s*[\r\n]+|\s+(?!\S)|\s+")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    corpus = ("Describe this image. What is in the picture? Compare the two images. How do I bake bread at home? "
-              "user assistant system hello world 0123456789 ") * 20
-    backend.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, bos_token=None, additional_special_tokens=SPECIALS[1:])
-    tokenizer.chat_template = TEMPLATE
-    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 160}, patch_size=14,
-                                      merge_size=2, temporal_patch_size=2)
-    return image_only(Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tokenizer, chat_template=TEMPLATE)
-
-
-def tiny_model(family: str, tokenizer):
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-    )
-
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIALS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
-                eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|im_start|>"], pad_token_id=ids["<|im_end|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-                  tie_word_embeddings=False)
-    torch.manual_seed(0)
-    if family == "qwen2_5_vl":
-        vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3])
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common))
-    else:
-        vision = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **common))
-    with torch.no_grad():  # contrast, so greedy tokens vary
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.mul_(3.0)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    patched = patch_model(model.eval(), SasaSettings(1, 2, mode="gate", threshold=0.5), tokenizer)
-    weight = patched.sasa_probe.linear.weight
-    weight.data = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3
-    return patched
 
 
 def genai_run(onnx_dir, prompt: str, image_paths: list[str]) -> dict:
@@ -183,11 +112,8 @@ def _expand(prompt: str, run: dict) -> str:
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
-def test_genai_generates_like_pytorch(tmp_path, family):
-    processor = tiny_processor()
-    model = tiny_model(family, processor.tokenizer)
-    out = tmp_path / "onnx"
-    export_onnx(model, processor, out, image_size=(56, 56), check_parity=False)
+def test_genai_generates_like_pytorch(tmp_path_factory, tmp_path, family):
+    out, model, processor = exported(tmp_path_factory, family)
     genai = json.loads((out / GENAI_CONFIG_NAME).read_text())
     assert genai["model"]["type"] == "qwen2_5_vl"
     assert genai["model"]["vision"]["config_filename"] == GENAI_PROCESSOR_NAME
@@ -203,8 +129,52 @@ def test_genai_generates_like_pytorch(tmp_path, family):
     assert read_gate(out).threshold == 0.5
 
 
-@pytest.mark.slow  # ~4 min here: the 30-layer decoder export
-@pytest.mark.integration
+def pillow_variants(tmp_path) -> dict[str, str]:
+    """One 60x80 picture in files GenAI's own decoder misreads or cannot read: alpha, 16-bit, WebP, GIF, BMP, CMYK."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, (60, 80, 4), dtype=np.uint8), "RGBA")
+    variants = {"rgba.png": rgba, "la.png": rgba.convert("LA"), "rgb.webp": rgba.convert("RGB"),
+                "rgb.gif": rgba.convert("RGB"), "rgb.bmp": rgba.convert("RGB"), "cmyk.jpg": rgba.convert("CMYK"),
+                "gray16.png": Image.fromarray(rng.integers(0, 65535, (60, 80)).astype(np.uint16))}
+    paths = {}
+    for name, image in variants.items():
+        image.save(tmp_path / name, **({"lossless": True} if name.endswith(".webp") else {}))
+        paths[name] = str(tmp_path / name)
+    return paths
+
+
+def test_genai_sees_the_pixels_the_project_runtime_sees(tmp_path_factory, tmp_path):
+    """GenAiVlm hands GenAI Pillow's pixels (alpha over white), so both runtimes prepare every image alike."""
+    from sasa_patcher.export.genai import GenAiVlm
+    from sasa_patcher.export.onnx_runtime import preprocess_image
+
+    out, _, _ = exported(tmp_path_factory)
+    runtime = GenAiVlm(out)
+    for name, path in pillow_variants(tmp_path).items():
+        pixels = runtime.inputs("Describe this image.", [path])["pixel_values"].as_numpy()
+        expected = preprocess_image(path, runtime.config).pixel_values
+        assert pixels.shape == expected.shape, name
+        assert np.abs(pixels - expected).max() <= 1e-6, name
+
+
+def test_genai_answer_budget_is_cut_to_the_context_with_a_warning(tmp_path_factory):
+    import dataclasses
+
+    from sasa_patcher.export.genai import GenAiVlm
+
+    out, _, _ = exported(tmp_path_factory)
+    runtime = GenAiVlm(out)
+    runtime.gate = dataclasses.replace(runtime.gate, threshold=None)  # never refuse: this test counts tokens
+    inputs = runtime.inputs("Describe this image.")
+    runtime.context_length = inputs["input_ids"].as_numpy().shape[-1] + 3
+    with pytest.warns(UserWarning, match="context length"):
+        tokens, _, refused = runtime.generate(inputs, max_new_tokens=20)
+    assert not refused and 1 <= len(tokens) <= 3
+
+
+@pytest.mark.integration  # in the default suite (CI's acceptance check): ~6.5 min on 2 CPU cores (export ~4)
 def test_embedded_smol_qwen25_vl_runs_in_genai(tmp_path):
     from embedded_patch import patched_embedded
 
@@ -214,6 +184,8 @@ def test_embedded_smol_qwen25_vl_runs_in_genai(tmp_path):
     print(f"export {time.perf_counter() - started:.0f}s")
     results = check_cases(model, processor, tmp_path / "onnx", tmp_path)
     print(json.dumps(results))
+    assert [r["name"] for r in results] == ["text", "one-image", "two-images-two-sizes"]
+    assert len({tuple(grid) for grid in results[2]["grids"]}) == 2  # two images, two sizes
     for result in results:
-        assert result["tokens_equal"], result
+        assert result["tokens_equal"] and result["generated"] >= 1, result
         assert result["unsafe_prob_diff"] <= PROB_TOLERANCE, result

@@ -296,6 +296,82 @@ def test_bad_input_is_one_error_line_and_exit_2(artifact, tmp_path, capsys, case
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
 
 
+@pytest.fixture(scope="module")
+def genai_artifact(tmp_path_factory) -> Path:
+    """The tiny Qwen2.5-VL of tests/tiny_genai.py (gate mode), exported once: an ONNX directory GenAI loads."""
+    pytest.importorskip("onnxruntime_genai")
+    from tiny_genai import exported
+
+    return exported(tmp_path_factory)[0]
+
+
+def genai_bad_artifacts(source: Path, tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
+    """name -> (artifact dir, extra CLI args): what a GenAI user hits (genai_config.json holds the graph names)."""
+    def copy(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(source, target)
+        return target
+
+    def edit_genai(name: str, change) -> Path:
+        target = copy(name)
+        path = target / "genai_config.json"
+        path.write_text(change(path.read_text()))
+        return target
+
+    def without_decoder_file(text: str) -> str:
+        genai = json.loads(text)
+        del genai["model"]["decoder"]["filename"]
+        return json.dumps(genai)
+
+    not_an_image = tmp_path / "not-an-image.png"
+    not_an_image.write_bytes(b"this is not a PNG file")
+    truncated = copy("truncated")
+    decoder = truncated / json.loads((source / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    decoder.write_bytes(decoder.read_bytes()[: decoder.stat().st_size // 3])
+    missing = copy("genai-config-missing")
+    (missing / "genai_config.json").unlink()
+    context = json.loads((source / "genai_config.json").read_text())["model"]["context_length"]
+    return {
+        "undecodable-image": (source, ["--image", str(not_an_image)]),
+        "truncated-graph": (truncated, []),
+        "genai-config-without-decoder-file": (edit_genai("no-decoder-file", without_decoder_file), []),
+        "genai-config-not-json": (edit_genai("not-json", lambda text: text[: len(text) // 2]), []),
+        "genai-config-missing": (missing, []),
+        "prompt-beyond-context": (source, ["--prompt", " ".join(["hello"] * (context + 50))]),
+    }
+
+
+# case -> (message fragments with --runtime genai, with --runtime auto: a failed GenAI load falls back to the
+# project's runtime, whose error is then the one line)
+GENAI_MESSAGES = {
+    "undecodable-image": ("cannot read image", "cannot read image"),
+    "truncated-graph": (("ONNX Runtime GenAI cannot load", "decoder_model_merged.onnx", "re-export the artifact"),
+                        "decoder_model_merged.onnx"),
+    "genai-config-without-decoder-file": ("genai_config.json lacks model.decoder.filename: re-export the artifact",
+                                          "genai_config.json lacks model.decoder.filename: re-export the artifact"),
+    "genai-config-not-json": ("genai_config.json is not readable JSON", "genai_config.json"),
+    "genai-config-missing": ("genai_config.json is missing: copy it with the artifact or re-export the artifact",
+                             "lacks the key 'graphs'"),
+    "prompt-beyond-context": ("context length is 2048: shorten the prompt",) * 2,
+}
+
+
+@pytest.mark.parametrize("runtime", ["genai", "auto"])
+@pytest.mark.parametrize("case", list(GENAI_MESSAGES))
+def test_bad_input_is_one_error_line_and_exit_2_in_genai(genai_artifact, tmp_path, capsys, case, runtime):
+    from sasa_patcher.cli.generate_onnx import main
+
+    directory, extra = genai_bad_artifacts(genai_artifact, tmp_path)[case]
+    expected = GENAI_MESSAGES[case][runtime == "auto"]
+    args = [str(directory), "--prompt", "Describe this image.", "--cpu", "--runtime", runtime, *extra]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error:"), captured.err
+    assert all(fragment in captured.err for fragment in ([expected] if isinstance(expected, str) else expected)), \
+        captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
 def test_answer_budget_is_cut_to_the_context_with_a_warning(artifact):
     runtime = OnnxVlm(artifact.onnx, providers=["CPUExecutionProvider"])
     context = runtime.context_length

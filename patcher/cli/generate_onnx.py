@@ -66,16 +66,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _runtime(args: argparse.Namespace):
-    """GenAI where asked or possible (auto falls back, with a note, when GenAI cannot load the artifact)."""
+    """GenAI where asked or possible. auto falls back to the project's runtime when GenAI cannot load the
+    artifact, with a note once that runtime has loaded it (a damaged artifact: one error line, that runtime's)."""
     onnx_dir = find_onnx_dir(args.artifact)
     use_genai = args.runtime == "genai" or (args.runtime == "auto" and genai_installed() and has_genai_config(onnx_dir))
-    if use_genai:
-        try:
-            return GenAiVlm(onnx_dir)
-        except ArtifactError as error:
-            if args.runtime == "genai":
-                raise
-            print(f"note: {error}; using ONNX Runtime", file=sys.stderr)
     providers = ["CPUExecutionProvider"] if args.cpu else default_providers()
-    return OnnxVlm(onnx_dir, providers=providers)
-
+    if not use_genai:
+        return OnnxVlm(onnx_dir, providers=providers)
+    try:
+        return GenAiVlm(onnx_dir)
+    except ArtifactError as error:
+        if args.runtime == "genai":
+            raise
+        runtime = OnnxVlm(onnx_dir, providers=providers)
+        print(f"note: {error}; using ONNX Runtime", file=sys.stderr)
+        return runtime
