@@ -335,21 +335,23 @@ class SasaMixin:
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
-        output_sasa_features: bool = False,
+        output_sasa_features: bool | tuple[str, ...] = False,
+        output_sasa_sequence_states: bool = False,
         past_key_values: SasaCache | None = None,
         **kwargs,
     ) -> SasaOutput:
         """Keyword arguments beyond the named ones are the family's image inputs (`pixel_values`, ...).
 
         The cache arrives as `cache` (transformers >= 5.24) or `past_key_values` (earlier).
+        `output_sasa_features`: True for every probe candidate, or the names of the ones wanted (the
+        projected stream runs only when one of them reads it). `output_sasa_sequence_states`: also
+        every layer's output at every position (`sasa_features["sequence_states"]`, [B, L, T, D]), what
+        `sasa_projected_candidates` continues from once (s, f) is known.
         """
         multimodal = kwargs
         settings = self.sasa
         text_model = self.sasa_text_model()
         num_layers = text_model.config.num_hidden_layers
-        for ignored in ("return_dict", "output_attentions", "output_hidden_states", "cache_position"):
-            multimodal.pop(ignored, None)
-
         cache = one_cache(cache, past_key_values)
         if cache is not None and not isinstance(cache, SasaCache):
             raise TypeError("SASA models need a SasaCache (two streams); pass None to start a new one")
@@ -358,37 +360,38 @@ class SasaMixin:
             cache = SasaCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
         prefill = past_length == 0
-        if output_sasa_features and not prefill:
+        extracting = output_sasa_features is not False and output_sasa_features is not None
+        if extracting and not prefill:
             # The uncached streams the features need would see only the new tokens, not the prompt.
             raise ValueError("output_sasa_features reads a prompt: call it without a cache (a fresh one)")
+        wanted = set(PROBE_FEATURES if output_sasa_features is True else output_sasa_features) if extracting else None
 
-        embeds = self.sasa_input_embeddings(input_ids, inputs_embeds, multimodal)
-        batch, seq_len = embeds.shape[:2]
-        text_pos, rope_pos = self.sasa_positions(
-            position_ids, input_ids, attention_mask, past_length, embeds, cache, multimodal
+        embeds, text_pos, masks, rotary = self._sasa_inputs(
+            input_ids, inputs_embeds, attention_mask, position_ids, past_length, cache, multimodal
         )
-        masks = self._masks(text_model, embeds, attention_mask, cache, text_pos)
-        rotary = text_model.rotary_emb(embeds, rope_pos)
+        batch, seq_len = embeds.shape[:2]
 
         augment = settings.mode == "augment"
         original, projected, per_layer = self.sasa_serving_streams(
-            text_model, embeds, masks, rotary, text_pos, cache, all_original_layers=output_sasa_features
+            text_model, embeds, masks, rotary, text_pos, cache, all_original_layers=extracting
         )
         serving = projected if augment else original
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(text_model.norm(serving[:, keep]))
 
         unsafe_prob, features = None, None
-        if prefill or output_sasa_features:
+        if prefill or extracting:
             rows = torch.arange(batch, device=embeds.device)
             last = last_token_index(attention_mask, seq_len, batch, embeds.device)
             features = self.sasa_probe_features(
-                text_model, per_layer, original, projected, masks, rotary, text_pos, rows, last,
-                all_candidates=output_sasa_features,
+                text_model, per_layer, original, projected, masks, rotary, text_pos, rows, last, wanted
             )
-            unsafe_prob = self.sasa_probe(features[settings.probe_features])
-            if output_sasa_features:
+            if settings.probe_features in features:  # absent only when the caller asked for other candidates
+                unsafe_prob = self.sasa_probe(features[settings.probe_features])
+            if extracting:
                 features["layer_states"] = torch.stack([per_layer[i][rows, last] for i in range(num_layers)], 1)
+            if output_sasa_sequence_states:
+                features["sequence_states"] = torch.stack([per_layer[i] for i in range(num_layers)], 1)
         if cache is not None:
             if prefill:
                 cache.prompt_length = seq_len
@@ -400,7 +403,7 @@ class SasaMixin:
         return SasaOutput(
             logits=logits,
             unsafe_prob=unsafe_prob,
-            sasa_features=features if output_sasa_features else None,
+            sasa_features=features if extracting else None,
             **{CACHE_KEY: cache if use_cache else None},
         )
 
@@ -448,38 +451,74 @@ class SasaMixin:
         return projected
 
     def sasa_probe_features(
-        self, text_model, per_layer, original, projected, masks, rotary, text_pos, rows, last, all_candidates=False
+        self, text_model, per_layer, original, projected, masks, rotary, text_pos, rows, last, wanted=None
     ) -> dict:
         """The probe's input at (rows, last), completing whichever stream the serving pass left out, uncached.
 
-        gate: the projected stream is run here (prompt only, no cache) when the probe (or `all_candidates`)
-        reads it. augment: the original stream's layers f+1..L-1 are run here when the probe (or
-        `all_candidates`) needs the unprojected logits or a multi-layer state above f.
-        Only `per_layer[s]`, `per_layer[f]` and the probe layers are read (every layer's output extends
-        `per_layer`).
+        `wanted`: the candidate names to compute (feature extraction); None: the probe's own feature.
+        gate: the projected stream is run here (prompt only, no cache) when a wanted feature reads it.
+        augment: the original stream's layers f+1..L-1 are run here when the unprojected logits or a
+        multi-layer state above f are wanted. Only `per_layer[s]`, `per_layer[f]` and the probe layers
+        are read (every layer's output extends `per_layer`).
         """
         settings = self.sasa
         f, num_layers = settings.semantic_layer, text_model.config.num_hidden_layers
-        feature = settings.probe_features
+        wanted = {settings.probe_features} if wanted is None else set(wanted)
         layers = list(settings.probe_layers) or default_probe_layers(num_layers)
-        needs_original = all_candidates or feature == "logits" or (feature == "multi-layer" and max(layers) > f)
+        needs_original = "logits" in wanted or ("multi-layer" in wanted and max(layers) > f)
         if original is None and needs_original:
             original, more = self._run_layers(
                 text_model, per_layer[f], range(f + 1, num_layers), masks, rotary, text_pos, None
             )
             per_layer.update(more)
         candidates = {}
-        if all_candidates or feature in PROJECTED_FEATURES:
+        if wanted & set(PROJECTED_FEATURES):
             if projected is None:
                 projected = self._projected_stream(text_model, per_layer, masks, rotary, text_pos, None)
-            projected_hidden = text_model.norm(projected[rows, last])
-            candidates["projected-logits"] = self.lm_head(projected_hidden)
-            candidates["hidden"] = projected_hidden
-        if all_candidates or feature == "logits":
+            candidates.update(self._projected_candidates(text_model, projected, rows, last))
+        if "logits" in wanted:
             candidates["logits"] = self.lm_head(text_model.norm(original[rows, last]))
-        if all_candidates or feature == "multi-layer":
+        if "multi-layer" in wanted:
             candidates["multi-layer"] = torch.cat([per_layer[layer][rows, last] for layer in layers], dim=-1)
         return candidates
+
+    def _projected_candidates(self, text_model, projected, rows, last) -> dict:
+        projected_hidden = text_model.norm(projected[rows, last])
+        return {"projected-logits": self.lm_head(projected_hidden), "hidden": projected_hidden}
+
+    @torch.no_grad()
+    def sasa_projected_candidates(
+        self, safety_states: torch.Tensor, semantic_states: torch.Tensor, input_ids=None, attention_mask=None,
+        **multimodal,
+    ) -> dict:
+        """The projected candidates of a prompt batch from its stored layer-s and layer-f outputs.
+
+        Why: calibration with localised layers learns (s, f) only after every prompt has been through
+        the model once (`output_sasa_sequence_states`); this runs only layers s+1..L-1 instead of a
+        second full forward. `input_ids`, `attention_mask` and the image inputs are the batch's own
+        (positions and masks come from them; the decoder layers below s are not run).
+        """
+        text_model = self.sasa_text_model()
+        embeds, text_pos, masks, rotary = self._sasa_inputs(input_ids, None, attention_mask, None, 0, None, multimodal)
+        settings = self.sasa
+        per_layer = {settings.safety_layer: safety_states, settings.semantic_layer: semantic_states}
+        projected = self._projected_stream(text_model, per_layer, masks, rotary, text_pos, None)
+        batch, seq_len = embeds.shape[:2]
+        rows = torch.arange(batch, device=embeds.device)
+        last = last_token_index(attention_mask, seq_len, batch, embeds.device)
+        return self._projected_candidates(text_model, projected, rows, last)
+
+    def _sasa_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length, cache, multimodal):
+        """(embeddings, text positions, attention masks, rotary embeddings): what every layer call needs."""
+        for ignored in ("return_dict", "output_attentions", "output_hidden_states", "cache_position"):
+            multimodal.pop(ignored, None)
+        text_model = self.sasa_text_model()
+        embeds = self.sasa_input_embeddings(input_ids, inputs_embeds, multimodal)
+        text_pos, rope_pos = self.sasa_positions(
+            position_ids, input_ids, attention_mask, past_length, embeds, cache, multimodal
+        )
+        masks = self._masks(text_model, embeds, attention_mask, cache, text_pos)
+        return embeds, text_pos, masks, text_model.rotary_emb(embeds, rope_pos)
 
     def _force_refusal(self, logits: torch.Tensor, cache: SasaCache, step: int) -> torch.Tensor:
         """Gate mode during generation: flagged rows emit the refusal tokens, then end-of-sequence."""

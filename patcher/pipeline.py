@@ -286,13 +286,14 @@ def calibrate_stage(options: PatchOptions, result: PatchResult, prompts: list | 
     layers = "auto" if options.layers == "auto" else parse_layers(options.layers)
     report = calibrate(result.model, result.processor, prompts, layers=layers, features=options.probe_features,
                        target_fpr=options.target_fpr, batch_size=options.batch_size, plot_dir=staging,
-                       policy=parse_policy(options.policy))
+                       policy=parse_policy(options.policy), log=log)
     clock.done("calibrate")
     result.calibration = report
-    timings = report.timings  # forward passes (localisation, features), then fitting in named parts
-    fitting = sum(value for key, value in timings.items()
-                  if key.endswith("_s") and key not in ("localisation_s", "features_s", "total_s"))
-    result.seconds.update(localisation=timings.get("localisation_s", 0.0), features=timings["features_s"], fit=fitting)
+    timings = report.timings  # forward passes (features, projected continuation, localisation), then fitting
+    passes = ("localisation_s", "features_s", "projected_features_s", "total_s")
+    fitting = sum(value for key, value in timings.items() if key.endswith("_s") and key not in passes)
+    result.seconds.update(localisation=timings.get("localisation_s", 0.0), fit=fitting,
+                          features=timings["features_s"] + timings.get("projected_features_s", 0.0))
     if options.layers == "auto":
         result.layers_chosen_by = "calibration"
     for line in calibration_lines(report):

@@ -15,15 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sasa_patcher.jsonl import write_jsonl
-from sasa_patcher.modeling_sasa import PROBE_FEATURES, default_probe_layers
-from sasa_patcher.probes.features import extract_features, image_sha256
+from sasa_patcher.modeling_sasa import PROBE_FEATURES, PROJECTED_FEATURES, default_probe_layers
+from sasa_patcher.patching import temporary_settings
+from sasa_patcher.probes.feature_cache import FeatureCache, has_room_for, sequence_bytes
+from sasa_patcher.probes.features import (
+    Features,
+    batched,
+    extract_features,
+    image_sha256,
+    length_order,
+    padded_tokens,
+    projected_features,
+)
 from sasa_patcher.probes.localisation import DEFAULT_MAX_PAIRS, Localisation, localise
 from sasa_patcher.probes.probe import (
     DEFAULT_CS,
@@ -88,6 +98,72 @@ def _check_classes(labels: np.ndarray, where: str) -> None:
         raise ValueError(f"the {where} split has no {' and no '.join(missing)} prompts: add more prompts of each class")
 
 
+def _extract_at(model, processor, prompts, names, chosen_layers, cal_index, cal_groups, timings, *, want_curves,
+                batch_size, pairs, max_pairs, seed, progress, log) -> tuple[Features, Localisation | None]:
+    """Given (s, f): one forward per prompt for every candidate, then the curves from its layer states."""
+    model.set_sasa(dataclasses.replace(model.sasa, safety_layer=chosen_layers[0], semantic_layer=chosen_layers[1]))
+    mark = time.perf_counter()
+    extracted = extract_features(model, processor, prompts, batch_size=batch_size, candidates=names,
+                                 layer_states=want_curves, progress=progress, description="probe features", log=log)
+    timings["features_s"] = time.perf_counter() - mark
+    if not want_curves:
+        return extracted, None
+    mark = time.perf_counter()
+    localisation = localise(model, processor, [prompts[i] for i in cal_index], features=extracted.subset(cal_index),
+                            groups=cal_groups, pairs=pairs, max_pairs=max_pairs, batch_size=batch_size, seed=seed,
+                            progress=progress, choose=False)
+    timings["localisation_s"] = time.perf_counter() - mark
+    return extracted, localisation
+
+
+def _localise_and_extract(model, processor, prompts, names, cal_index, cal_groups, timings, *, batch_size, pairs,
+                          max_pairs, seed, progress, cache_dir, log) -> tuple[Features, Localisation]:
+    """`--layers auto` with one full forward per prompt.
+
+    The all-layer pass gives the localisation's layer states (calibration split only) and every
+    candidate that does not depend on (s, f); it also stores every layer's output at every position,
+    from which the projected candidates then run only layers s+1..L-1 at the chosen (s, f). Where the
+    disk lacks room for those states, the projected candidates take a second forward instead (said).
+    """
+    say = log or (lambda message: None)
+    projected = [name for name in names if name in PROJECTED_FEATURES]
+    unprojected = [name for name in names if name not in PROJECTED_FEATURES]
+    cache = FeatureCache.for_run(model, prompts, batch_size=batch_size, candidates=names,
+                                 root=Path(cache_dir) if cache_dir else None)
+    text = model.config.get_text_config()
+    tokens = sum(padded_tokens(processor, prompts, batched(length_order(prompts), batch_size)))
+    needed = sequence_bytes(tokens, text.num_hidden_layers, text.hidden_size)
+    store_sequences = bool(projected) and has_room_for(cache.directory, needed)
+    if projected and not store_sequences:
+        say(f"not enough disk under {cache.directory} for the layer states ({needed / 1024**3:.1f} GiB): the "
+            "projected candidates take a second forward")
+    mark = time.perf_counter()
+    with temporary_settings(model, mode="gate"):  # augment would run a projected stream the pass does not read
+        extracted = extract_features(model, processor, prompts, batch_size=batch_size, candidates=unprojected,
+                                     layer_states=True, progress=progress, description="layer states and features",
+                                     cache=cache, sequence_states=store_sequences, log=log)
+    timings["features_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    localisation = localise(model, processor, [prompts[i] for i in cal_index], features=extracted.subset(cal_index),
+                            groups=cal_groups, pairs=pairs, max_pairs=max_pairs, batch_size=batch_size, seed=seed,
+                            progress=progress)
+    timings["localisation_s"] = time.perf_counter() - mark
+    model.set_sasa(dataclasses.replace(model.sasa, safety_layer=localisation.safety_layer,
+                                       semantic_layer=localisation.semantic_layer))
+    mark = time.perf_counter()
+    if store_sequences:
+        extracted.candidates.update(projected_features(model, processor, prompts, cache, batch_size=batch_size,
+                                                       candidates=projected, progress=progress, log=log))
+    elif projected:
+        extracted.candidates.update(extract_features(model, processor, prompts, batch_size=batch_size,
+                                                     candidates=projected, layer_states=False, progress=progress,
+                                                     description="projected features", log=log).candidates)
+    timings["projected_features_s"] = time.perf_counter() - mark
+    extracted.candidates = {name: extracted.candidates[name] for name in names}
+    cache.remove()
+    return extracted, localisation
+
+
 def calibrate(
     model,
     processor,
@@ -108,6 +184,8 @@ def calibrate(
     policy: Policy | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
     probe_layers: Sequence[int] | None = None,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> CalibrationReport:
     """Calibrate the SASA-patched `model` on `prompts` and write the probe into it.
 
@@ -123,6 +201,8 @@ def calibrate(
               curves are then not computed at all).
     pairs:    image/text pairs for the semantic curve ("auto": up to `max_pairs` typographic
               renderings of calibration prompts, None: no semantic curve).
+    cache_dir: where the localised run keeps its per-batch features until it has finished (default: the
+              user cache; a stopped run resumes from them). `log` hears time estimates and cache use.
     """
     if features != "auto" and features not in PROBE_FEATURES:
         raise ValueError(f"features must be 'auto' or one of {PROBE_FEATURES}, got {features!r}")
@@ -141,39 +221,27 @@ def calibrate(
     cal_prompts = [prompts[i] for i in cal_index]
     cal_groups = [group_key(p) for p in cal_prompts]
 
-    # 2. layers
-    localisation = None
-    if layers == "auto":
-        mark = time.perf_counter()
-        localisation = localise(model, processor, cal_prompts, groups=cal_groups, pairs=pairs, max_pairs=max_pairs,
-                                batch_size=batch_size, seed=seed, progress=progress)
-        timings["localisation_s"] = time.perf_counter() - mark
-        chosen_layers = (localisation.safety_layer, localisation.semantic_layer)
-    elif isinstance(layers, str):
+    if layers != "auto" and (isinstance(layers, str) or len(layers) != 2):
         raise ValueError(f"layers must be 'auto' or (s, f), got {layers!r}")
-    else:
-        chosen_layers = (int(layers[0]), int(layers[1]))
-    model.set_sasa(dataclasses.replace(model.sasa, safety_layer=chosen_layers[0], semantic_layer=chosen_layers[1]))
     num_layers = model.config.get_text_config().num_hidden_layers
     probe_layers = [int(layer) for layer in (probe_layers or default_probe_layers(num_layers))]
     if list(model.sasa.probe_layers) != probe_layers:  # the extraction reads the multi-layer candidate's layers
         if model.sasa.probe_features == "multi-layer":  # another width: the probe is refitted below anyway
-            write_probe(model, _untrained(model), feature="hidden", threshold=1.0, layers=chosen_layers)
+            write_probe(model, _untrained(model), feature="hidden", threshold=1.0, layers=None)
         model.set_sasa(dataclasses.replace(model.sasa, probe_layers=probe_layers))
-
-    # 3. features: one forward per prompt for every candidate
-    mark = time.perf_counter()
     names = PROBE_FEATURES if features == "auto" else (features,)
-    want_curves = layers != "auto" and plot_dir is not None
-    extracted = extract_features(model, processor, prompts, batch_size=batch_size, candidates=names,
-                                 layer_states=want_curves, progress=progress, description="probe features")
-    timings["features_s"] = time.perf_counter() - mark
-    if want_curves:
-        mark = time.perf_counter()
-        localisation = localise(model, processor, cal_prompts, features=extracted.subset(cal_index), groups=cal_groups,
-                                pairs=pairs, max_pairs=max_pairs, batch_size=batch_size, seed=seed,
-                                progress=progress, choose=False)
-        timings["localisation_s"] = time.perf_counter() - mark
+
+    # 2-3. layers and features
+    if layers == "auto":
+        extracted, localisation = _localise_and_extract(
+            model, processor, prompts, names, cal_index, cal_groups, timings, batch_size=batch_size, pairs=pairs,
+            max_pairs=max_pairs, seed=seed, progress=progress, cache_dir=cache_dir, log=log)
+        chosen_layers = (localisation.safety_layer, localisation.semantic_layer)
+    else:
+        chosen_layers = (int(layers[0]), int(layers[1]))
+        extracted, localisation = _extract_at(model, processor, prompts, names, chosen_layers, cal_index, cal_groups,
+                                              timings, want_curves=plot_dir is not None, batch_size=batch_size,
+                                              pairs=pairs, max_pairs=max_pairs, seed=seed, progress=progress, log=log)
 
     # 4. feature choice and probe fit, calibration split only
     mark = time.perf_counter()

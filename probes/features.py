@@ -5,28 +5,36 @@ processor's chat template (an image item first when the prompt has one, then the
 generation prompt appended, so the last prompt position is where the assistant's first token is
 predicted. Batches are left-padded; the patched model finds the last non-pad position itself.
 
-One forward with `output_sasa_features=True` gives every probe-feature candidate (`projected-logits`,
-`logits`, `hidden`) and the original stream's output of every layer at the last prompt position, so
-choosing a feature never costs a second pass over the data. Results go to CPU float32 batch by batch
-into preallocated tensors: memory is N x (2 V + D + L D) floats, whatever the batch size.
+One forward with `output_sasa_features` gives the probe-feature candidates asked for and the original
+stream's output of every layer at the last prompt position, so choosing a feature never costs a
+second pass over the data. Results go to CPU float32 batch by batch into preallocated tensors:
+memory is N x (2 V + D + L D) floats, whatever the batch size. With a `FeatureCache` every batch is
+also written to disk (a stopped run resumes), and with `sequence_states` every layer's output at every
+position too, which `projected_features` continues from once (s, f) is known.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sasa_patcher.modeling_sasa import PROBE_FEATURES
+from sasa_patcher.modeling_sasa import PROBE_FEATURES, PROJECTED_FEATURES
+
+if TYPE_CHECKING:
+    from sasa_patcher.probes.feature_cache import FeatureCache
 
 LAYER_STATES = "layer_states"
+SEQUENCE_STATES = "sequence_states"
 
 
 @dataclass
@@ -153,6 +161,38 @@ def length_order(prompts: Sequence) -> list[int]:
     )
 
 
+def padded_tokens(processor, prompts: Sequence, batches: list[list[int]]) -> list[int]:
+    """Each batch's text tokens padded to its longest prompt (image placeholders not counted): what the
+    time and disk estimates scale with."""
+    texts = prompt_texts(processor, prompts)
+    lengths = [len(ids) for ids in _tokenizer(processor)(texts, add_special_tokens=False)["input_ids"]]
+    return [len(rows) * max(lengths[i] for i in rows) for rows in batches]
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class _Estimate:
+    """Time left by padded tokens, from the batches computed so far: told once, after the first batch."""
+
+    def __init__(self, processor, prompts: Sequence, batches: list[list[int]], description: str, log):
+        self.work = padded_tokens(processor, prompts, batches)
+        self.description, self.log = description, log
+        self.done_work, self.seconds, self.told = 0, 0.0, False
+
+    def add(self, index: int, seconds: float, remaining: list[int]) -> None:
+        self.done_work += self.work[index]
+        self.seconds += seconds
+        if not self.told and self.log is not None:
+            left = sum(self.work[i] for i in remaining) * self.seconds / max(self.done_work, 1)
+            self.log(f"{self.description}: {len(self.work)} batches, about {_duration(left)} left on this machine "
+                     f"(first batch {seconds:.1f}s, scaled by padded tokens)")
+            self.told = True
+
+
 @torch.no_grad()
 def extract_features(
     model,
@@ -164,12 +204,18 @@ def extract_features(
     layer_states: bool = True,
     progress: bool = True,
     description: str = "features",
+    cache: FeatureCache | None = None,
+    sequence_states: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Features:
     """Run the patched model once per batch and collect features at the last prompt position.
 
-    `candidates` names the probe-feature candidates to keep (all by default); `layer_states=False`
-    drops the per-layer states. Prompts are batched by length (less padding) and results returned
-    in the input order. The model is put in eval mode; batches go to its device and dtype.
+    `candidates` names the probe-feature candidates to keep (all by default; the projected stream
+    runs only when one of them reads it); `layer_states=False` drops the per-layer states. Prompts
+    are batched by length (less padding) and results returned in the input order. The model is put
+    in eval mode; batches go to its device and dtype. `cache`: batches already on disk are read, not
+    recomputed, and new ones are written; `sequence_states` (needs `cache`) also writes every layer's
+    output at every position. `log` hears the time estimate after the first computed batch.
     """
     unknown = set(candidates) - set(PROBE_FEATURES)
     if unknown:
@@ -178,24 +224,40 @@ def extract_features(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not prompts:
         raise ValueError("no prompts to extract features from")
+    if sequence_states and cache is None:
+        raise ValueError("sequence_states are written to a FeatureCache: pass cache=")
     model.eval()
     device, dtype = model_device_dtype(model)
     count = len(prompts)
-    order = length_order(prompts)
+    batches = batched(length_order(prompts), batch_size)
+    wanted = list(candidates) + ([LAYER_STATES] if layer_states else [])
     stored: dict[str, torch.Tensor] = {}
+    todo = [index for index, _ in enumerate(batches)
+            if cache is None or not cache.has("batch", index) or (sequence_states and not cache.has("sequence", index))]
+    estimate = _Estimate(processor, prompts, batches, description, log) if todo else None
+    if cache is not None and len(todo) < len(batches):
+        message = f"{description}: {len(batches) - len(todo)} of {len(batches)} batches read from {cache.directory}"
+        (log or print)(message)
     bar = tqdm(total=count, desc=description, unit="prompt", disable=not progress, leave=False)
     try:
-        for rows in batched(order, batch_size):
-            batch = to_model(encode_prompts(processor, [prompts[i] for i in rows]), device, dtype)
-            output = model(**batch, output_sasa_features=True, use_cache=False, logits_to_keep=1)
-            found = output.sasa_features
-            wanted = list(candidates) + ([LAYER_STATES] if layer_states else [])
-            index = torch.as_tensor(rows)
-            for name in wanted:
-                value = found[name].detach().to("cpu", torch.float32)
-                if name not in stored:
-                    stored[name] = torch.empty((count, *value.shape[1:]), dtype=torch.float32)
-                stored[name][index] = value
+        for index, rows in enumerate(batches):
+            if index in todo:
+                started = time.perf_counter()
+                batch = to_model(encode_prompts(processor, [prompts[i] for i in rows]), device, dtype)
+                output = model(**batch, output_sasa_features=tuple(candidates), use_cache=False, logits_to_keep=1,
+                               output_sasa_sequence_states=sequence_states)
+                found = {name: output.sasa_features[name] for name in wanted}
+                if cache is not None:
+                    cache.save("batch", index, found)
+                    if sequence_states:
+                        states = output.sasa_features[SEQUENCE_STATES]
+                        cache.save("sequence", index, {f"layer.{layer}": states[:, layer]
+                                                       for layer in range(states.shape[1])})
+                del output
+                estimate.add(index, time.perf_counter() - started, [i for i in todo if i > index])
+            else:
+                found = cache.load("batch", index, wanted)
+            _store(stored, found, torch.as_tensor(rows), count)
             bar.update(len(rows))
     finally:
         bar.close()
@@ -206,3 +268,48 @@ def extract_features(
         labels=labels,
         meta={"safety_layer": model.sasa.safety_layer, "semantic_layer": model.sasa.semantic_layer},
     )
+
+
+def _store(stored: dict[str, torch.Tensor], found: dict[str, torch.Tensor], index: torch.Tensor, count: int) -> None:
+    """Put one batch's rows into the preallocated CPU float32 result tensors."""
+    for name, value in found.items():
+        value = value.detach().to("cpu", torch.float32)
+        if name not in stored:
+            stored[name] = torch.empty((count, *value.shape[1:]), dtype=torch.float32)
+        stored[name][index] = value
+
+
+@torch.no_grad()
+def projected_features(
+    model, processor, prompts: Sequence, cache: FeatureCache, *, batch_size: int = 8,
+    candidates: Sequence[str] = PROJECTED_FEATURES, progress: bool = True, log: Callable[[str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The projected candidates at the model's current (s, f), continued from `extract_features`'
+    stored sequence states (same prompts, batch size and cache): layers s+1..L-1 only."""
+    model.eval()
+    device, dtype = model_device_dtype(model)
+    s, f = model.sasa.safety_layer, model.sasa.semantic_layer
+    batches = batched(length_order(prompts), batch_size)
+    kind = f"projected-{s}-{f}"
+    todo = [index for index in range(len(batches)) if not cache.has(kind, index)]
+    estimate = _Estimate(processor, prompts, batches, f"projected features (layers {s + 1}..)", log) if todo else None
+    stored: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(prompts), desc="projected features", unit="prompt", disable=not progress, leave=False)
+    try:
+        for index, rows in enumerate(batches):
+            if index in todo:
+                started = time.perf_counter()
+                batch = to_model(encode_prompts(processor, [prompts[i] for i in rows]), device, dtype)
+                layers = cache.load("sequence", index, [f"layer.{s}", f"layer.{f}"])
+                found = model.sasa_projected_candidates(layers[f"layer.{s}"].to(device, dtype),
+                                                        layers[f"layer.{f}"].to(device, dtype), **batch)
+                found = {name: found[name] for name in candidates}
+                cache.save(kind, index, found)
+                estimate.add(index, time.perf_counter() - started, [i for i in todo if i > index])
+            else:
+                found = cache.load(kind, index, list(candidates))
+            _store(stored, found, torch.as_tensor(rows), len(prompts))
+            bar.update(len(rows))
+    finally:
+        bar.close()
+    return stored
