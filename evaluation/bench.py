@@ -138,7 +138,7 @@ def measure_latency(args: argparse.Namespace, runtimes: list[str], model, gate_d
         results["pytorch"] = bench_pytorch(model, ids, args.prompt_tokens, repeats=args.repeats, warmup=args.warmup,
                                            progress=True)
     if "onnxruntime" in runtimes:
-        log("exporting and timing the ONNX decoders (baseline, gate, augment)")
+        log("exporting and timing the ONNX decoders (baseline, gate, augment in rounds, one session at a time)")
         reuse = {"gate": gate_decoder} if gate_decoder is not None else None
         results["onnxruntime"] = bench_onnxruntime(model, ids, args.prompt_tokens, work_dir, device=args.device,
                                                    threads=args.threads, repeats=args.repeats, warmup=args.warmup,

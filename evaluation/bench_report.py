@@ -30,9 +30,37 @@ def latency_rows(report: dict) -> list[list[str]]:
         row = [label, f"{next(iter(runtimes.values()))[measure]['floor']:.3f}"]
         for result in runtimes.values():
             entry = result[measure]
-            row += [f"{entry['baseline_ms']:.1f}", f"{entry['patched_ms']:.1f}", f"{entry['ratio']:.3f}"]
+            row += [baseline_cell(entry), f"{entry['patched_ms']:.1f}", ratio_cell(entry)]
         rows.append(row)
     return rows
+
+
+def spread_label(entry: dict) -> str:
+    return "IQR" if entry["spread_statistic"] == "iqr" else "range"
+
+
+def ratio_cell(entry: dict) -> str:
+    """`1.430x (paired 1.440, IQR 1.380-1.510; floor 1.400: inside the noise)`: the ratio of the medians,
+    then the median and spread of the paired ratios (their min-max, "range", below 4 repeats), the floor
+    and the verdict. The paired median is shown because the spread and the verdict are about the paired
+    ratios, and the ratio of the medians can fall outside their spread."""
+    if len(entry["paired_ratios"]) < 2:
+        return f"{entry['ratio']:.3f}x ({entry['verdict']})"
+    return (f"{entry['ratio']:.3f}x (paired {entry['paired_ratio_median']:.3f}, {spread_label(entry)} "
+            f"{entry['ratio_low']:.3f}-{entry['ratio_high']:.3f}; floor {entry['floor']:.3f}: {entry['verdict']})")
+
+
+def baseline_cell(entry: dict) -> str:
+    """The baseline's median and its own run-to-run spread over the median: `715.1 (IQR 2.5%)`."""
+    if len(entry["baseline_samples_ms"]) < 2:
+        return f"{entry['baseline_ms']:.1f}"
+    return f"{entry['baseline_ms']:.1f} ({spread_label(entry)} {100 * entry['baseline_spread']:.1f}%)"
+
+
+def schedule_lines(report: dict) -> list[str]:
+    """How each runtime ordered its runs: interleaved, in rounds, or one variant after the other."""
+    return [f"{name}: {result['runtime']['schedule']}" for name, result in report["runtimes"].items()
+            if "schedule" in result["runtime"]]
 
 
 def patch_lines(report: dict) -> list[str]:
@@ -63,7 +91,11 @@ def memory_line(report: dict) -> str:
     return f"memory: peak RSS {peak / GIB:.2f} GiB over {memory['patch_stage_covers']} = {weights}"
 
 
-RATIO_NOTE = "ratio = patched / unpatched; floor = decoder-layer passes over L (work outside the layers not counted)"
+RATIO_NOTE = ("ratio = patched median / unpatched median; paired = median of the per-repeat ratios patched_i / "
+              "baseline_i, IQR = their 25th-75th percentile (range = min-max, below 4 repeats); floor = "
+              "decoder-layer passes over L (work outside the layers not counted); inside the noise = the floor "
+              "lies within the paired IQR (range), so this run cannot tell the ratio from its floor; base ms "
+              "spread = the baseline's own run-to-run IQR (range) over its median")
 
 
 def heading_lines(report: dict) -> list[str]:
@@ -83,15 +115,17 @@ def closing_lines(report: dict) -> list[str]:
 
 
 def format_report(report: dict) -> str:
-    lines = [*heading_lines(report), "", *latency_lines(report), RATIO_NOTE, "", *closing_lines(report)]
+    lines = [*heading_lines(report), "", *latency_lines(report), RATIO_NOTE, *schedule_lines(report), "",
+             *closing_lines(report)]
     return "\n".join(lines)
 
 
 def format_markdown(report: dict) -> str:
     """The same report for a README: the latency table as markdown, the rest verbatim."""
     heading = heading_lines(report)
+    schedule = [f"- {line}" for line in schedule_lines(report)]
     lines = [f"**{heading[0]}**", "", heading[1], "", *markdown_table(latency_rows(report)), "", RATIO_NOTE, "",
-             "```text", *closing_lines(report), "```"]
+             *([*schedule, ""] if schedule else []), "```text", *closing_lines(report), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,16 @@ One run = a prefill of the prompt (past length 0, T tokens) and then `decode_tok
 one token each, feeding the cache back; a run yields the prefill time and the mean time per decode
 token. Figures are medians over repeats after untimed warm-up runs. PyTorch runs the three variants
 interleaved repeat by repeat (one model, no extra memory; slow drift of a shared machine hits all
-three alike). ONNX Runtime times one variant after the other with one session alive at a time, so a
-large model's three float32 decoders never sit in memory together.
+three alike). ONNX Runtime keeps one session alive at a time, so a large model's three float32
+decoders never sit in memory together, and still interleaves the variants in rounds (`time_rounds`:
+load a session, warm up, time a share of the repeats, release; next variant), so drift reaches every
+variant, not only the one timed last.
+
+Noise (`compare`): repeat i of the baseline and repeat i of a patched variant ran close together (the
+same interleaved repeat, or the same round), so each measure also carries the paired ratios
+patched_i / baseline_i, their median and interquartile range (min-max below 4 repeats), the
+baseline's own run-to-run spread, and a verdict: "inside the noise" when the floor lies within the
+paired ratios' spread, so this run cannot tell the ratio from its floor.
 
 What each runtime computes at prefill: PyTorch keeps the logits of the last position only
 (`logits_to_keep=1`, what `generate` does); the ONNX decoder graph returns the logits of every
@@ -30,6 +38,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 
@@ -61,6 +70,11 @@ MULTIMODAL_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_tok
 
 Runner = Callable[[], tuple[float, float]]  # one run -> (prefill seconds, mean seconds per decode token)
 Samples = dict[str, dict[str, list[float]]]  # variant -> phase ("prefill" | "decode") -> seconds per repeat
+# Below this many repeats the quartiles of the paired ratios mean little: the spread is their min-max.
+IQR_MIN_REPEATS = 4
+INSIDE, ABOVE, BELOW, NO_SPREAD = "inside the noise", "above the floor", "below the floor", "no spread: 1 repeat"
+# ONNX Runtime: at most this many rounds of load session -> time -> release per variant (see `ort_rounds`).
+ORT_MAX_ROUNDS = 5
 
 
 # ----- floors ---------------------------------------------------------------------------------------
@@ -137,13 +151,73 @@ def time_runs(runners: dict[str, Runner], repeats: int, warmup: int, advance: Ca
     return samples
 
 
+def round_sizes(repeats: int, rounds: int) -> list[int]:
+    """`repeats` shared over `rounds` (at least one repeat per round), the larger shares first."""
+    rounds = max(1, min(rounds, repeats))
+    return [repeats // rounds + (index < repeats % rounds) for index in range(rounds)]
+
+
+def time_rounds(open_runner: Callable[[str], AbstractContextManager[Runner]], variants: Sequence[str], repeats: int,
+                warmup: int, rounds: int, advance: Callable[[], None]) -> tuple[Samples, dict[str, list[float]]]:
+    """`repeats` timed runs of every variant in rounds with one runner open at a time; also each opening's seconds.
+
+    Each round opens every variant's runner in turn (the order rotated by one each round, so no variant
+    always runs first or last in a round), makes `warmup` untimed runs and then its share of the
+    repeats, and closes it before the next one opens. Every variant gets the same share in a round, so
+    repeat i of each variant falls in the same round: the pairs `compare` divides ran within one round
+    of each other. One round is the old schedule, one variant after the other.
+    """
+    samples: Samples = {variant: {"prefill": [], "decode": []} for variant in variants}
+    opening: dict[str, list[float]] = {variant: [] for variant in variants}
+    for index, size in enumerate(round_sizes(repeats, rounds)):
+        shift = index % len(variants)
+        for variant in [*variants[shift:], *variants[:shift]]:
+            started = time.perf_counter()
+            with open_runner(variant) as runner:
+                opening[variant].append(time.perf_counter() - started)
+                part = time_runs({variant: runner}, size, warmup, advance)
+                del runner  # the closing context must hold the last reference, so the session goes with it
+            for phase, values in part[variant].items():
+                samples[variant][phase].extend(values)
+    return samples, opening
+
+
+def spread(values: Sequence[float]) -> tuple[str, float, float]:
+    """("iqr", 25th, 75th percentile) of `values` (numpy's linear interpolation), or ("min-max", min, max)
+    below `IQR_MIN_REPEATS` values."""
+    if len(values) < IQR_MIN_REPEATS:
+        return "min-max", float(min(values)), float(max(values))
+    low, high = np.percentile(values, [25, 75])
+    return "iqr", float(low), float(high)
+
+
+def verdict(floor: float, low: float, high: float, repeats: int) -> str:
+    """Where the floor sits against the paired ratios' spread [low, high]: within it, the measurement
+    cannot tell the ratio from its floor."""
+    if repeats < 2:
+        return NO_SPREAD
+    if low <= floor <= high:
+        return INSIDE
+    return ABOVE if low > floor else BELOW
+
+
 def compare(samples: Samples, floors: dict[str, float]) -> dict[str, dict]:
-    """Each measure: patched median over baseline median, the floor, and the milliseconds behind them."""
+    """Each measure: patched median over baseline median, the floor, the milliseconds behind them, and the noise.
+
+    `ratio` is the headline (median over median). The noise comes from the paired ratios patched_i /
+    baseline_i of repeat i of each variant: their median, their spread (`spread_statistic` "iqr": the
+    25th-75th percentile; "min-max" below `IQR_MIN_REPEATS` repeats) as `ratio_low`-`ratio_high`, and
+    the `verdict` of the floor against that spread. `baseline_spread` is the baseline's own run-to-run
+    spread (same statistic) over its median.
+    """
     report = {}
     for measure, (phase, variant) in MEASURES.items():
         baseline = [seconds * 1e3 for seconds in samples["baseline"][phase]]
         patched = [seconds * 1e3 for seconds in samples[variant][phase]]
         base_ms, patched_ms = statistics.median(baseline), statistics.median(patched)
+        paired = [after / before for before, after in zip(baseline, patched, strict=True)]
+        statistic, low, high = spread(paired)
+        _, base_low, base_high = spread(baseline)
         report[measure] = {
             "ratio": patched_ms / base_ms,
             "floor": floors[measure],
@@ -151,6 +225,13 @@ def compare(samples: Samples, floors: dict[str, float]) -> dict[str, dict]:
             "patched_ms": patched_ms,
             "baseline_samples_ms": baseline,
             "patched_samples_ms": patched,
+            "paired_ratios": paired,
+            "paired_ratio_median": statistics.median(paired),
+            "spread_statistic": statistic,
+            "ratio_low": low,
+            "ratio_high": high,
+            "baseline_spread": (base_high - base_low) / base_ms,
+            "verdict": verdict(floors[measure], low, high, len(paired)),
         }
     return report
 
@@ -213,7 +294,8 @@ def bench_pytorch(model, ids: torch.Tensor, prompt_tokens: int, *, repeats: int,
         samples = time_runs(runners, repeats, warmup, bar.update)
     report = compare(samples, model_floors(model))
     report["runtime"] = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-                         "threads": torch.get_num_threads(), "prefill_logits": "last position"}
+                         "threads": torch.get_num_threads(), "prefill_logits": "last position",
+                         "interleaved": True, "schedule": "variants interleaved repeat by repeat"}
     return report
 
 
@@ -325,22 +407,62 @@ def ort_runner(decoder: OrtDecoder, embeds: np.ndarray, prompt_tokens: int) -> R
     return run
 
 
+def ort_rounds(repeats: int) -> int:
+    """Rounds of the ONNX Runtime schedule: one per repeat, at most `ORT_MAX_ROUNDS`.
+
+    Why rounds, and why capped. Holding the three sessions together would interleave for free, but
+    keeps three float32 decoders resident, which is what one-session-at-a-time exists to avoid. So
+    each round loads a session, warms it up, times its share and releases it. A load is not free:
+    ONNX Runtime reads the graph and its weights and runs its graph optimisations (seconds for the
+    embedded model on CPU, more for a multi-GiB float32 graph), and the first run on a fresh session
+    pays for its memory arena (and, on CUDA, kernel selection), so every load takes its own `warmup`
+    runs. Against the exports (minutes per decoder) and the timed runs, a few extra loads are cheap,
+    and they buy pairs timed seconds apart instead of a whole variant's block apart. The cap bounds
+    the extra cost at (ORT_MAX_ROUNDS - 1) x 3 loads and warm-ups however many repeats are asked for;
+    the default 5 repeats get one repeat per round. The report keeps every load's seconds
+    (`session_load_seconds`) so the cost can be judged on the machine that ran.
+    """
+    return max(1, min(repeats, ORT_MAX_ROUNDS))
+
+
+@contextlib.contextmanager
+def ort_session_runner(path: Path, providers: list[str], threads: int | None, embeds: np.ndarray,
+                       prompt_tokens: int) -> Iterator[Runner]:
+    """A fresh session on `path` and its runner, released on exit (the caller drops the runner first)."""
+    decoder = OrtDecoder(path, providers, threads)
+    try:
+        yield ort_runner(decoder, embeds, prompt_tokens)
+    finally:
+        del decoder
+
+
 def bench_onnxruntime(model, ids: torch.Tensor, prompt_tokens: int, work_dir: Path, *, device: str = "cpu",
                       threads: int | None = None, repeats: int, warmup: int, reuse: dict[str, Path] | None = None,
-                      progress: bool = False, log: Callable[[str], None] = lambda message: None) -> dict:
-    """The four measures for the patched `model`'s decoder graphs in ONNX Runtime (exported into `work_dir`)."""
+                      rounds: int | None = None, progress: bool = False,
+                      log: Callable[[str], None] = lambda message: None) -> dict:
+    """The four measures for the patched `model`'s decoder graphs in ONNX Runtime (exported into `work_dir`).
+
+    The variants run in `rounds` (default `ort_rounds(repeats)`) of load session -> `warmup` untimed
+    runs -> a share of the repeats -> release, one session alive at a time (`time_rounds`); the report
+    says how (`interleaved`, `schedule`, `rounds`) and what the loads cost (`session_load_seconds`).
+    """
     providers = onnxruntime_providers(device)
     paths, export_seconds = export_decoders(model, work_dir, reuse, log)
     with torch.inference_mode():
         embeds = model.get_input_embeddings()(ids.to(model.device)).float().cpu().numpy()
-    samples: Samples = {}
-    with _progress((warmup + repeats) * len(VARIANTS), "onnxruntime", progress) as bar:
-        for variant in VARIANTS:
-            decoder = OrtDecoder(paths[variant], providers, threads)
-            samples.update(time_runs({variant: ort_runner(decoder, embeds, prompt_tokens)}, repeats, warmup,
-                                     bar.update))
-            del decoder  # one session alive at a time
+    sizes = round_sizes(repeats, ort_rounds(repeats) if rounds is None else rounds)
+    with _progress((warmup * len(sizes) + repeats) * len(VARIANTS), "onnxruntime", progress) as bar:
+        samples, load_seconds = time_rounds(
+            lambda variant: ort_session_runner(paths[variant], providers, threads, embeds, prompt_tokens),
+            VARIANTS, repeats, warmup, len(sizes), bar.update)
     report = compare(samples, model_floors(model))
+    if len(sizes) > 1:
+        schedule = (f"{len(sizes)} rounds of load session, {warmup} warm-up, time {'/'.join(map(str, sizes))} "
+                    "repeats, release; variant order rotated each round; one session alive at a time")
+    else:
+        schedule = "one variant after the other (one session load each); one session alive at a time"
     report["runtime"] = {"providers": providers, "threads": threads, "prefill_logits": "all positions",
-                         "export_seconds": export_seconds, "reused_graphs": sorted(reuse or {})}
+                         "export_seconds": export_seconds, "reused_graphs": sorted(reuse or {}),
+                         "interleaved": len(sizes) > 1, "rounds": len(sizes), "schedule": schedule,
+                         "session_load_seconds": load_seconds}
     return report

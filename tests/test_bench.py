@@ -20,15 +20,24 @@ import torch
 from transformers import DynamicCache
 
 from sasa_patcher.cli import bench as bench_cli
-from sasa_patcher.evaluation.bench_report import latency_lines
+from sasa_patcher.evaluation import latency
+from sasa_patcher.evaluation.bench_report import format_markdown, format_report, latency_lines
 from sasa_patcher.evaluation.latency import (
+    ABOVE,
+    BELOW,
+    INSIDE,
     MEASURES,
+    NO_SPREAD,
+    VARIANTS,
     OrtDecoder,
     bench_onnxruntime,
     bench_pytorch,
     bench_token_ids,
+    compare,
     layer_floors,
     model_floors,
+    round_sizes,
+    time_rounds,
     token_ceiling,
 )
 from sasa_patcher.export.onnx_graphs import DecoderGraph, export_decoder
@@ -67,7 +76,13 @@ def check_runtime_report(report: dict, floors: dict, repeats: int) -> None:
         assert entry["floor"] == floors[measure]
         assert entry["ratio"] == pytest.approx(entry["patched_ms"] / entry["baseline_ms"])
         assert len(entry["baseline_samples_ms"]) == len(entry["patched_samples_ms"]) == repeats
-    assert "runtime" in report
+        assert entry["paired_ratios"] == pytest.approx(
+            [after / before for before, after in zip(entry["baseline_samples_ms"], entry["patched_samples_ms"],
+                                                 strict=True)])
+        assert entry["ratio_low"] <= entry["paired_ratio_median"] <= entry["ratio_high"]
+        assert entry["verdict"] in {INSIDE, ABOVE, BELOW, NO_SPREAD}
+        assert entry["spread_statistic"] == ("iqr" if repeats >= 4 else "min-max")
+    assert isinstance(report["runtime"]["interleaved"], bool) and report["runtime"]["schedule"]
 
 
 # ----- floors and inputs ---------------------------------------------------------------------------
@@ -238,6 +253,8 @@ def test_cli_json_schema(capsys, tiny_dir, tmp_path):
     assert is_finite_positive(report["peak_rss_over_weights"])
     assert report["memory"]["weight_bytes"] > 0
     assert "prefill, gate" in stdout and "decode per token, augment" in stdout
+    assert "(no spread: 1 repeat)" in table[2]  # one repeat: no spread to judge the floor against
+    assert "- pytorch: variants interleaved repeat by repeat" in markdown
 
 
 def test_cli_patch_timing(capsys, tiny_dir, tmp_path):
@@ -288,3 +305,211 @@ def test_real_process_exit_code(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --runtimes") and len(result.stderr.strip().splitlines()) == 1
+
+
+# ----- noise: paired ratios, their spread, the verdict (synthetic samples, no model) ----------------
+def synthetic_samples(baseline_ms: list[float], patched_ms: list[float]) -> dict:
+    """Every patched variant timed `patched_ms`, the baseline `baseline_ms`, in both phases (seconds)."""
+    def phases(values: list[float]) -> dict[str, list[float]]:
+        return {"prefill": [value / 1e3 for value in values], "decode": [value / 1e3 for value in values]}
+
+    return {"baseline": phases(baseline_ms), **{variant: phases(patched_ms) for variant in VARIANTS[1:]}}
+
+
+def uniform_floors(value: float) -> dict[str, float]:
+    return dict.fromkeys(MEASURES, value)
+
+
+# Paired ratios 1.30, 1.35, 1.40, 1.45, 1.50: IQR 1.35-1.45.
+BASE_MS = [100.0] * 5
+SPREAD_MS = [130.0, 135.0, 140.0, 145.0, 150.0]
+
+
+@pytest.mark.parametrize("floor,expected", [(1.40, INSIDE), (1.35, INSIDE), (1.45, INSIDE), (1.20, ABOVE),
+                                            (1.34, ABOVE), (1.60, BELOW), (1.46, BELOW)])
+def test_verdict_is_the_floor_against_the_paired_iqr(floor, expected):
+    report = compare(synthetic_samples(BASE_MS, SPREAD_MS), uniform_floors(floor))
+    for measure in MEASURES:
+        entry = report[measure]
+        assert entry["spread_statistic"] == "iqr"
+        assert (entry["ratio_low"], entry["ratio_high"]) == pytest.approx((1.35, 1.45))
+        assert entry["ratio"] == pytest.approx(1.40) and entry["verdict"] == expected, (floor, entry)
+
+
+def test_the_spread_is_of_paired_ratios_not_of_each_variant():
+    """The machine slows down 5x over the run and the patch costs exactly 1.5x in every repeat: the paired
+    ratios are all 1.5, so a floor of 1.4 is clearly below them, although each variant's own samples spread
+    widely (their quartiles crossed over, 300/400 to 450/200, would put 1.4 inside)."""
+    baseline = [100.0, 200.0, 300.0, 400.0, 500.0]
+    patched = [1.5 * value for value in baseline]
+    entry = compare(synthetic_samples(baseline, patched), uniform_floors(1.4))["prefill"]
+    assert entry["paired_ratios"] == pytest.approx([1.5] * 5)
+    assert (entry["ratio_low"], entry["ratio_high"]) == pytest.approx((1.5, 1.5))
+    assert entry["verdict"] == ABOVE
+    assert entry["baseline_spread"] == pytest.approx((400 - 200) / 300)  # the baseline's own spread stays visible
+    # Pairing is by repeat: the same samples in another order pair differently.
+    shuffled = compare(synthetic_samples(baseline, patched[::-1]), uniform_floors(1.4))["prefill"]
+    assert shuffled["paired_ratios"][0] == pytest.approx(7.5) and shuffled["verdict"] == INSIDE
+
+
+def test_iqr_uses_percentiles_and_few_repeats_use_min_max():
+    four = compare(synthetic_samples([100.0] * 4, [100.0, 110.0, 120.0, 130.0]), uniform_floors(1.0))["decode_gate"]
+    assert four["spread_statistic"] == "iqr"
+    assert (four["ratio_low"], four["ratio_high"]) == pytest.approx((1.075, 1.225))
+    assert four["verdict"] == ABOVE
+    three = compare(synthetic_samples([100.0, 80.0, 120.0], [110.0, 100.0, 120.0]), uniform_floors(1.1))["prefill"]
+    assert three["spread_statistic"] == "min-max"
+    assert (three["ratio_low"], three["ratio_high"]) == pytest.approx((1.0, 1.25))
+    assert three["verdict"] == INSIDE
+    assert three["baseline_spread"] == pytest.approx((120 - 80) / 100)
+    one = compare(synthetic_samples([100.0], [150.0]), uniform_floors(1.0))["prefill"]
+    assert one["verdict"] == NO_SPREAD and one["ratio_low"] == one["ratio_high"] == pytest.approx(1.5)
+
+
+def synthetic_report(runtimes: dict) -> dict:
+    """A whole bench report around synthetic latency results, as `format_report` and `format_markdown` read it."""
+    return {"model": "tiny", "device": "cpu", "dtype": "float32", "wall_seconds": 1.0,
+            "layers": {"num_layers": 6, "safety_layer": S, "semantic_layer": F, "chosen_by": "user",
+                       "probe_features": "projected-logits"},
+            "inputs": {"batch_size": 1, "prompt_tokens": 8, "decode_tokens": 2, "repeats": 5, "warmup": 1,
+                       "threads": 1},
+            "runtimes": runtimes, "patch_seconds": None, "patch": None, "peak_rss_over_weights": 2.0,
+            "memory": {"weight_bytes": 2**30, "patch_stage": {"peak_rss": 2**31}, "patch_stage_covers": "load, patch"},
+            "machine": {"cpu_count": 2, "load_average_at_start": 0.0}}
+
+
+def test_report_shows_the_ratio_with_its_iqr_and_verdict():
+    inside = compare(synthetic_samples(BASE_MS, SPREAD_MS), uniform_floors(1.4))
+    inside["runtime"] = {"interleaved": True, "schedule": "variants interleaved repeat by repeat"}
+    above = compare(synthetic_samples([100.0, 100.0, 100.0], [150.0, 152.0, 155.0]), uniform_floors(1.4))
+    above["runtime"] = {"providers": ["CPUExecutionProvider"], "interleaved": False,
+                        "schedule": "one variant after the other (one session load each); one session alive at a time"}
+    report = synthetic_report({"pytorch": inside, "onnxruntime": above})
+    rows = latency_lines(report)
+    assert "1.400x (paired 1.400, IQR 1.350-1.450; floor 1.400: inside the noise)" in rows[1]
+    assert "1.520x (paired 1.520, range 1.500-1.550; floor 1.400: above the floor)" in rows[1]
+    assert "100.0 (IQR 0.0%)" in rows[1]
+    text = format_report(report)
+    markdown = format_markdown(report)
+    for output in (text, markdown):
+        assert "1.400x (paired 1.400, IQR 1.350-1.450; floor 1.400: inside the noise)" in output
+        assert "onnxruntime: one variant after the other" in output and "inside the noise = the floor" in output
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + len(MEASURES) and all(line.count(" | ") == table[0].count(" | ") for line in table)
+    # The ratio of the medians and the paired median part ways: the cell shows both.
+    apart = compare(synthetic_samples([100.0, 200.0, 300.0, 400.0, 500.0], [110.0, 220.0, 600.0, 800.0, 550.0]),
+                    uniform_floors(1.0))
+    apart["runtime"] = {"schedule": "variants interleaved repeat by repeat"}
+    row = latency_lines(synthetic_report({"pytorch": apart}))[1]
+    assert "1.833x (paired 1.100, IQR 1.100-2.000; floor 1.000: above the floor)" in row
+
+
+# ----- ONNX Runtime schedule: rounds, one session alive at a time (fake sessions, no export) ---------
+class FakeSession:
+    """Stands in for an ONNX Runtime session: counts the live ones and logs what happens."""
+
+    alive = 0
+    most_alive = 0
+    events: list = []
+
+    def __init__(self, variant: str):
+        FakeSession.alive += 1
+        FakeSession.most_alive = max(FakeSession.most_alive, FakeSession.alive)
+        self.variant = variant
+        FakeSession.events.append(("load", variant))
+
+    def __del__(self):
+        FakeSession.alive -= 1
+
+    @classmethod
+    def reset(cls):
+        cls.alive, cls.most_alive, cls.events = 0, 0, []
+
+
+@pytest.fixture
+def fake_sessions():
+    FakeSession.reset()
+    yield FakeSession
+    FakeSession.reset()
+
+
+def open_fake(variant: str):
+    import contextlib
+
+    @contextlib.contextmanager
+    def opened():
+        session = FakeSession(variant)
+        clock = iter(range(1, 1000))
+
+        def run(session=session):  # the runner holds its session, as `ort_runner` holds its decoder
+            FakeSession.events.append(("run", session.variant))
+            return float(next(clock)), 0.5
+
+        try:
+            yield run
+        finally:
+            del session
+
+    return opened()
+
+
+@pytest.mark.parametrize("repeats,rounds,sizes", [(5, 5, [1] * 5), (5, 3, [2, 2, 1]), (7, 5, [2, 2, 1, 1, 1]),
+                                                  (2, 5, [1, 1]), (5, 1, [5])])
+def test_round_sizes(repeats, rounds, sizes):
+    assert round_sizes(repeats, rounds) == sizes
+
+
+def test_rounds_interleave_variants_with_one_session_alive(fake_sessions):
+    samples, loads = time_rounds(open_fake, VARIANTS, repeats=5, warmup=1, rounds=3, advance=lambda: None)
+    assert fake_sessions.most_alive == 1 and fake_sessions.alive == 0
+    loaded = [variant for event, variant in fake_sessions.events if event == "load"]
+    # three rounds, the order rotated by one each round
+    assert loaded == ["baseline", "gate", "augment", "gate", "augment", "baseline", "augment", "baseline", "gate"]
+    assert all(len(seconds) == 3 for seconds in loads.values())
+    # per load: one warm-up (clock 1, dropped) then the round's share, so repeat i of each variant is in one round
+    for variant in VARIANTS:
+        assert samples[variant]["prefill"] == [2.0, 3.0, 2.0, 3.0, 2.0]
+        assert samples[variant]["decode"] == [0.5] * 5
+    runs = [variant for event, variant in fake_sessions.events if event == "run"]
+    assert len(runs) == 3 * 3 + 3 * 5  # warm-ups per load + timed repeats
+
+
+def test_a_kept_runner_would_hold_two_sessions(fake_sessions):
+    """The check above can fail: a schedule that keeps the runners alive holds every session at once."""
+    kept = []
+    for variant in VARIANTS:
+        with open_fake(variant) as runner:
+            kept.append(runner)
+    assert fake_sessions.most_alive == len(VARIANTS)
+
+
+def test_bench_onnxruntime_runs_in_rounds(patched, fake_sessions, monkeypatch, tmp_path):
+    """The ONNX Runtime bench's schedule with the export and the sessions faked: rounds, one session at a time,
+    and a report that says how it ran."""
+    class FakeDecoder(FakeSession):
+        def __init__(self, path, providers, threads):
+            super().__init__(Path(path).stem.removeprefix("decoder_"))
+
+        def empty_past(self, batch):
+            return []
+
+        def step(self, embeds, attention_mask, past):
+            FakeSession.events.append(("step", self.variant))
+            return [None, None]
+
+    monkeypatch.setattr(latency, "export_decoders", lambda model, out_dir, reuse, log: (
+        {variant: tmp_path / f"decoder_{variant}.onnx" for variant in VARIANTS}, {}))
+    monkeypatch.setattr(latency, "OrtDecoder", FakeDecoder)
+    ids = bench_token_ids(patched.config, 1, 4, 2)
+    report = bench_onnxruntime(patched, ids, 4, tmp_path, repeats=4, warmup=1)
+    assert fake_sessions.most_alive == 1 and fake_sessions.alive == 0
+    check_runtime_report(report, model_floors(patched), 4)
+    runtime = report["runtime"]
+    assert runtime["interleaved"] is True and runtime["rounds"] == 4
+    assert "4 rounds" in runtime["schedule"] and "one session alive at a time" in runtime["schedule"]
+    assert all(len(seconds) == 4 for seconds in runtime["session_load_seconds"].values())
+    loaded = [variant for event, variant in fake_sessions.events if event == "load"]
+    assert loaded[:4] == ["baseline", "gate", "augment", "gate"]
+    single = bench_onnxruntime(patched, ids, 4, tmp_path, repeats=4, warmup=0, rounds=1)["runtime"]
+    assert single["interleaved"] is False and single["rounds"] == 1
+    assert "one variant after the other" in single["schedule"]
