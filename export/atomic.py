@@ -92,12 +92,27 @@ def _last_write(path: Path) -> float:
     return max(times)
 
 
+def _writer_is_gone(staging: Path) -> bool:
+    """True when the staging name's process id (`.OUT.partial-PID-xxxx`) names no running process."""
+    pid = staging.name.rsplit(".partial-", 1)[-1].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's live process
+        return False
+    return False
+
+
 def remove_stale_staging(out: Path, *, max_age: float = STALE_AFTER_SECONDS, log=_say) -> list[tuple[Path, int]]:
     """Remove the `.OUT.partial-*` / `.OUT.old-*` directories a killed run left next to `out`.
 
     A run killed by the kernel (out of memory) cannot clean up after itself; its staging directory
-    can hold a whole model. Those untouched for `max_age` seconds are removed (a run still writing
-    into one is younger); younger ones are reported with their size. Returns what was removed.
+    can hold a whole model. A staging name carries its writer's process id: one whose process is
+    gone is removed at once; others (a live writer, or an older name without the id) when untouched
+    for `max_age` seconds, else reported with their size. Returns what was removed.
     """
     out = Path(out)
     removed = []
@@ -109,7 +124,7 @@ def remove_stale_staging(out: Path, *, max_age: float = STALE_AFTER_SECONDS, log
             if not path.is_dir():
                 continue
             size = tree_bytes(path)
-            if now - _last_write(path) >= max_age:
+            if _writer_is_gone(path) or now - _last_write(path) >= max_age:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append((path, size))
                 log(f"removed a stale staging directory from a run that died: {path} ({size / GIB:.1f} GiB)")
@@ -162,7 +177,7 @@ def atomic_output_dir(out: Path, force: bool, needed_bytes: int | None = None, l
     remove_stale_staging(out, log=log)
     if needed_bytes:
         check_free_disk(out.parent, needed_bytes, f"writing {out}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield staging
         _give_plain_modes(staging)

@@ -96,12 +96,16 @@ class Generation:
 class OnnxVlm:
     """The three graphs, the config and the tokenizer of one exported model."""
 
-    def __init__(self, path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path, providers: list[str] | None = None, threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
+        """`session_config`: ONNX Runtime session config entries (e.g. the parity check's no pre-packing)."""
         self.dir = find_onnx_dir(path)
         self.config = load_config(self.dir)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         providers = providers or default_providers()
         graphs = self.config["graphs"]
 

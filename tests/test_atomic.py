@@ -128,3 +128,24 @@ def test_disk_needed_counts_the_onnx_weights_once(tmp_path):
     onnx = disk_needed(model, tmp_path / "out", ("onnx",))
     assert onnx >= 4 * 1024**2 * 1.05
     assert disk_needed(model, tmp_path / "out", ("safetensors",)) < onnx  # same file system: hard links
+
+
+def test_staging_of_a_dead_process_is_removed_at_once_and_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from sasa_patcher.export.atomic import remove_stale_staging
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = _leftover(tmp_path, f".artifact.partial-{finished.stdout.strip()}-x1", age=60)
+    live = _leftover(tmp_path, f".artifact.partial-{os.getppid()}-x2", age=60)  # a running process: the parent
+    messages = []
+    removed = remove_stale_staging(tmp_path / "artifact", log=messages.append)
+    assert [path for path, _ in removed] == [dead] and not dead.exists() and live.exists()
+    assert any("left alone" in message and live.name in message for message in messages)
+
+
+def test_staging_names_carry_the_writer_process_id(tmp_path):
+    with atomic_output_dir(tmp_path / "artifact", force=False) as staging:
+        assert staging.name.startswith(f".artifact.partial-{os.getpid()}-")
