@@ -142,7 +142,6 @@ def export_onnx(
     if release_model is not None:
         model = processor = tokenizer = None
         release_model()
-        torch.compiler.reset()  # torch.export's caches keep the traced decoder wrapper, and so the model, alive
         gc.collect()
         _return_freed_memory()
         log(f"released the PyTorch model before ONNX Runtime loads the graphs (RSS now "

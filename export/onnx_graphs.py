@@ -246,23 +246,29 @@ def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, 
                           ("attention_mask", 1): "total_sequence_length", (past_names[0], 2): "past_sequence_length"})
     _save_ir(model, path, threshold)
     _drop_ir_weights(model)
+    torch.compiler.reset()  # torch.export's caches keep the traced wrapper, and so the model, alive
 
 
 def _drop_ir_weights(model) -> None:
     """Detach the saved graph from the PyTorch model: its initializers and the FX nodes in its `meta`.
 
     Why: onnxscript's module-level rewrite rules (used by `optimize=True`) keep their last matched
-    node, hence this graph, alive after the export returns. Its initializers wrap the model's
-    parameters, and the exporter's `meta["node"]` entries lead to the traced FX graph, which holds
-    them too; so the weights (mapped checkpoint pages included) stayed resident through the ONNX
-    Runtime parity check after the pipeline had released the model (3B: 13.9 GiB).
+    node, hence this graph, alive after the export returns. Its initializers and former inputs wrap
+    the model's parameters, and the exporter's `meta["node"]` entries lead to the traced FX graph; so
+    the weights (mapped checkpoint pages included) stayed resident through the ONNX Runtime parity
+    check after the pipeline had released the model (3B: 13.9 GiB; found with weak references and
+    `gc.get_referrers` on the embedded model).
     """
     import onnx_ir
 
-    for value in model.graph.initializers.values():
+    # The exporter first adds every parameter of the traced module as a graph input (the vision
+    # tower's too); the input list's reference counter (onnx_ir `_GraphIO._ref_counter`) keeps each
+    # value it ever held as a key after the value is moved out, and with it the wrapped tensor.
+    ever_inputs = list(getattr(model.graph.inputs, "_ref_counter", {}))
+    for value in [*model.graph.initializers.values(), *ever_inputs]:
         value.const_value = None
     model.graph.initializers.clear()
-    for value in model.graph.inputs:
+    for value in [*model.graph.inputs, *ever_inputs]:
         value.meta.clear()
     for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
         node.meta.clear()

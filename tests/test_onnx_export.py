@@ -246,3 +246,19 @@ def test_embedded_model_export_parity(tmp_path, name):
     onnx_error = next(case for case in parity["cases"] if case["name"] == "text-batch1")["logits_max_abs_diff"]
     print(f"text-batch1 logits: PyTorch fp32 vs fp64 {own_error:.3g}, ONNX Runtime vs PyTorch fp32 {onnx_error:.3g}")
     assert onnx_error <= 2 * own_error
+
+
+def test_decoder_export_keeps_no_weight_alive(tmp_path):
+    """After the decoder export no PyTorch weight stays referenced (the ONNX Runtime parity check then runs
+    without the model: at 3B the kept weights were 14 GiB beside ONNX Runtime's own)."""
+    import gc
+    import weakref
+
+    from sasa_patcher.export.onnx_graphs import export_decoder
+
+    model = tiny_patched("qwen2_vl", "gate")
+    weights = {name: weakref.ref(parameter) for name, parameter in model.named_parameters()}
+    export_decoder(model, tmp_path / "decoder.onnx")
+    del model
+    gc.collect()
+    assert [name for name, ref in weights.items() if ref() is not None] == []
