@@ -51,6 +51,14 @@ QWEN25_VISION = {"depth": 4, "hidden_size": 128, "intermediate_size": 256, "num_
                  "fullatt_block_indexes": [1, 3]}
 
 
+def seeded_body(model_class: type[PreTrainedModel], config, source: LlamaForCausalLM) -> PreTrainedModel:
+    """The family's model with seeded random non-text weights and SmolLM2's language model grafted in."""
+    torch.manual_seed(SEED)
+    model = model_class(config)
+    graft_language_model(model.model.language_model, source)
+    return model
+
+
 def build_qwen2_5_vl(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, out: Path) -> PreTrainedModel:
     """Qwen2.5-VL body (window-attention tower): same text graft, tokens and processor as smol-qwen-vl."""
     return build_qwen2_vl(tokenizer, source, out, family="qwen2_5_vl")
@@ -97,9 +105,7 @@ def build_qwen2_vl(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM,
         tie_word_embeddings=True,
         dtype="float32",
     )
-    torch.manual_seed(SEED)
-    model = model_class(config)
-    graft_language_model(model.model.language_model, source)
+    model = seeded_body(model_class, config, source)
 
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
@@ -152,9 +158,7 @@ def build_llava(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, ou
         tie_word_embeddings=True,
         dtype="float32",
     )
-    torch.manual_seed(SEED)
-    model = LlavaForConditionalGeneration(config)
-    graft_language_model(model.model.language_model, source)
+    model = seeded_body(LlavaForConditionalGeneration, config, source)
 
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": LLAVA_IMAGE_SIZE},

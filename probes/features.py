@@ -175,22 +175,33 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-class _Estimate:
-    """Time left by padded tokens, from the batches computed so far: told once, after the first batch."""
-
-    def __init__(self, processor, prompts: Sequence, batches: list[list[int]], description: str, log):
-        self.work = padded_tokens(processor, prompts, batches)
-        self.description, self.log = description, log
-        self.done_work, self.seconds, self.told = 0, 0.0, False
-
-    def add(self, index: int, seconds: float, remaining: list[int]) -> None:
-        self.done_work += self.work[index]
-        self.seconds += seconds
-        if not self.told and self.log is not None:
-            left = sum(self.work[i] for i in remaining) * self.seconds / max(self.done_work, 1)
-            self.log(f"{self.description}: {len(self.work)} batches, about {_duration(left)} left on this machine "
-                     f"(first batch {seconds:.1f}s, scaled by padded tokens)")
-            self.told = True
+def _collect(processor, prompts: Sequence, batches: list[list[int]], todo: set[int],
+             compute: Callable[[int, dict], dict], load: Callable[[int], dict], *, description: str,
+             progress: bool, log: Callable[[str], None] | None) -> dict[str, torch.Tensor]:
+    """Every batch's tensors in prompt order: `compute(index, encoded batch)` for the batches in `todo`,
+    `load(index)` for the others. After the first computed batch `log` hears the time left (scaled by
+    padded tokens); the bar shows it throughout."""
+    work = padded_tokens(processor, prompts, batches) if todo and log is not None else None
+    stored: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(prompts), desc=description, unit="prompt", disable=not progress, leave=False)
+    try:
+        for index, rows in enumerate(batches):
+            if index in todo:
+                started = time.perf_counter()
+                found = compute(index, encode_prompts(processor, [prompts[i] for i in rows]))
+                if work is not None:
+                    seconds = time.perf_counter() - started
+                    left = sum(work[i] for i in todo if i > index) * seconds / max(work[index], 1)
+                    log(f"{description}: {len(batches)} batches, about {_duration(left)} left on this machine "
+                        f"(first batch {seconds:.1f}s, scaled by padded tokens)")
+                    work = None
+            else:
+                found = load(index)
+            _store(stored, found, torch.as_tensor(rows), len(prompts))
+            bar.update(len(rows))
+    finally:
+        bar.close()
+    return stored
 
 
 @torch.no_grad()
@@ -228,39 +239,27 @@ def extract_features(
         raise ValueError("sequence_states are written to a FeatureCache: pass cache=")
     model.eval()
     device, dtype = model_device_dtype(model)
-    count = len(prompts)
     batches = batched(length_order(prompts), batch_size)
     wanted = list(candidates) + ([LAYER_STATES] if layer_states else [])
-    stored: dict[str, torch.Tensor] = {}
-    todo = [index for index, _ in enumerate(batches)
-            if cache is None or not cache.has("batch", index) or (sequence_states and not cache.has("sequence", index))]
-    estimate = _Estimate(processor, prompts, batches, description, log) if todo else None
+    todo = {index for index in range(len(batches))
+            if cache is None or not cache.has("batch", index) or (sequence_states and not cache.has("sequence", index))}
     if cache is not None and len(todo) < len(batches):
         message = f"{description}: {len(batches) - len(todo)} of {len(batches)} batches read from {cache.directory}"
         (log or print)(message)
-    bar = tqdm(total=count, desc=description, unit="prompt", disable=not progress, leave=False)
-    try:
-        for index, rows in enumerate(batches):
-            if index in todo:
-                started = time.perf_counter()
-                batch = to_model(encode_prompts(processor, [prompts[i] for i in rows]), device, dtype)
-                output = model(**batch, output_sasa_features=tuple(candidates), use_cache=False, logits_to_keep=1,
-                               output_sasa_sequence_states=sequence_states)
-                found = {name: output.sasa_features[name] for name in wanted}
-                if cache is not None:
-                    cache.save("batch", index, found)
-                    if sequence_states:
-                        states = output.sasa_features[SEQUENCE_STATES]
-                        cache.save("sequence", index, {f"layer.{layer}": states[:, layer]
-                                                       for layer in range(states.shape[1])})
-                del output
-                estimate.add(index, time.perf_counter() - started, [i for i in todo if i > index])
-            else:
-                found = cache.load("batch", index, wanted)
-            _store(stored, found, torch.as_tensor(rows), count)
-            bar.update(len(rows))
-    finally:
-        bar.close()
+
+    def compute(index: int, batch: dict) -> dict:
+        output = model(**to_model(batch, device, dtype), output_sasa_features=tuple(candidates), use_cache=False,
+                       logits_to_keep=1, output_sasa_sequence_states=sequence_states)
+        found = {name: output.sasa_features[name] for name in wanted}
+        if cache is not None:
+            cache.save("batch", index, found)
+            if sequence_states:
+                states = output.sasa_features[SEQUENCE_STATES]
+                cache.save("sequence", index, {f"layer.{layer}": states[:, layer] for layer in range(states.shape[1])})
+        return found
+
+    stored = _collect(processor, prompts, batches, todo, compute, lambda index: cache.load("batch", index, wanted),
+                      description=description, progress=progress, log=log)
     labels = np.asarray([int(prompt.label) for prompt in prompts], dtype=np.int64)
     return Features(
         candidates={name: stored[name] for name in candidates},
@@ -291,25 +290,16 @@ def projected_features(
     s, f = model.sasa.safety_layer, model.sasa.semantic_layer
     batches = batched(length_order(prompts), batch_size)
     kind = f"projected-{s}-{f}"
-    todo = [index for index in range(len(batches)) if not cache.has(kind, index)]
-    estimate = _Estimate(processor, prompts, batches, f"projected features (layers {s + 1}..)", log) if todo else None
-    stored: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(prompts), desc="projected features", unit="prompt", disable=not progress, leave=False)
-    try:
-        for index, rows in enumerate(batches):
-            if index in todo:
-                started = time.perf_counter()
-                batch = to_model(encode_prompts(processor, [prompts[i] for i in rows]), device, dtype)
-                layers = cache.load("sequence", index, [f"layer.{s}", f"layer.{f}"])
-                found = model.sasa_projected_candidates(layers[f"layer.{s}"].to(device, dtype),
-                                                        layers[f"layer.{f}"].to(device, dtype), **batch)
-                found = {name: found[name] for name in candidates}
-                cache.save(kind, index, found)
-                estimate.add(index, time.perf_counter() - started, [i for i in todo if i > index])
-            else:
-                found = cache.load(kind, index, list(candidates))
-            _store(stored, found, torch.as_tensor(rows), len(prompts))
-            bar.update(len(rows))
-    finally:
-        bar.close()
-    return stored
+    todo = {index for index in range(len(batches)) if not cache.has(kind, index)}
+
+    def compute(index: int, batch: dict) -> dict:
+        layers = cache.load("sequence", index, [f"layer.{s}", f"layer.{f}"])
+        batch = to_model(batch, device, dtype)
+        found = model.sasa_projected_candidates(layers[f"layer.{s}"].to(device, dtype),
+                                                layers[f"layer.{f}"].to(device, dtype), **batch)
+        found = {name: found[name] for name in candidates}
+        cache.save(kind, index, found)
+        return found
+
+    return _collect(processor, prompts, batches, todo, compute, lambda index: cache.load(kind, index, list(candidates)),
+                    description=f"projected features (layers {s + 1}..)", progress=progress, log=log)
