@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sasa_patcher.export.genai import GENAI_CONFIG_NAME, graphs_from_genai
-from sasa_patcher.export.onnx_names import CONFIG_NAME, ONNX_DIRNAME
+from sasa_patcher.export.onnx_names import CONFIG_NAME, GRAPHS, ONNX_DIRNAME
 from sasa_patcher.export.onnx_preprocess import (  # noqa: F401 - re-exported for callers of the runtime
     ImageError,
     PreparedImage,
@@ -69,7 +69,7 @@ def load_config(onnx_dir: Path) -> dict:
         if (onnx_dir / GENAI_CONFIG_NAME).is_file():
             config["graphs"] = graphs_from_genai(read(GENAI_CONFIG_NAME))
         graphs = config["graphs"]
-        for name in ("vision_encoder", "embed_tokens", "decoder"):
+        for name in GRAPHS:
             graphs[name]["file"]
         config["sasa"], config["eos_token_id"], config["hidden_size"], config["cache"]
     except (KeyError, TypeError) as error:
@@ -101,27 +101,35 @@ class OnnxVlm:
         """`session_config`: ONNX Runtime session config entries (e.g. the parity check's no pre-packing)."""
         self.dir = find_onnx_dir(path)
         self.config = load_config(self.dir)
-        options = ort.SessionOptions()
+        self._options = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
+            self._options.intra_op_num_threads = threads
         for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, value)
-        providers = providers or default_providers()
+            self._options.add_session_config_entry(key, value)
+        self._providers = providers or default_providers()
+        self._sessions: dict[str, ort.InferenceSession] = {}
         graphs = self.config["graphs"]
-
-        def session(name):
-            path = self.dir / graphs[name]["file"]
-            try:
-                return ort.InferenceSession(str(path), options, providers=providers)
-            except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types (InvalidProtobuf, Fail, ...)
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise ArtifactError(f"cannot load {path} ({type(error).__name__}): {first}") from None
-
-        self.vision, self.embed, self.decoder = session("vision_encoder"), session("embed_tokens"), session("decoder")
+        for name in GRAPHS:  # a broken artifact fails here, not in the middle of a generation
+            self.session(name)
         self.names = {key: value for graph in graphs.values() for key, value in graph.get("names", {}).items()}
         self.past_names = graphs["decoder"]["inputs"][3:]
         self.output_names = graphs["decoder"]["outputs"]
         self._tokenizer = None
+
+    def session(self, graph: str) -> ort.InferenceSession:
+        """The session of one graph (`vision_encoder`, `embed_tokens`, `decoder`), loaded again after `release`."""
+        if graph not in self._sessions:
+            path = self.dir / self.config["graphs"][graph]["file"]
+            try:
+                self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self._providers)
+            except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types (InvalidProtobuf, Fail, ...)
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ArtifactError(f"cannot load {path} ({type(error).__name__}): {first}") from None
+        return self._sessions[graph]
+
+    def release(self, graph: str) -> None:
+        """Drop one graph's session and its mapped weights (the parity check holds one graph at a time)."""
+        self._sessions.pop(graph, None)
 
     def name(self, tensor: str) -> str:
         """A graph tensor's name in this artifact (genai_config.json may rename them)."""
@@ -160,12 +168,12 @@ class OnnxVlm:
             feeds = {self.name("pixel_values"): np.asarray(image.pixel_values, np.float32)}
             if image.grid_thw is not None:
                 feeds[self.name("image_grid_thw")] = np.array([image.grid_thw], np.int64)
-            features.append(self.vision.run(None, feeds)[0])
+            features.append(self.session("vision_encoder").run(None, feeds)[0])
         return np.concatenate(features) if features else np.zeros((0, hidden), np.float32)
 
     def embed_tokens(self, input_ids: np.ndarray, image_features: np.ndarray) -> np.ndarray:
         feeds = {self.name("input_ids"): input_ids.astype(np.int64), self.name("image_features"): image_features}
-        return self.embed.run(None, feeds)[0]
+        return self.session("embed_tokens").run(None, feeds)[0]
 
     def prefill_positions(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                           grids: list | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +200,7 @@ class OnnxVlm:
         feeds = {self.name("inputs_embeds"): embeds, self.name("attention_mask"): attention_mask.astype(np.int64),
                  self.name("position_ids"): position_ids.astype(np.int64),
                  **dict(zip(self.past_names, past, strict=True))}
-        return self.decoder.run(self.output_names, feeds)
+        return self.session("decoder").run(self.output_names, feeds)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         cache = self.config["cache"]
@@ -201,15 +209,22 @@ class OnnxVlm:
 
     # --- generation
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, images: list[np.ndarray],
-                 max_new_tokens: int, eos_token_ids=None, pad_token_id: int | None = None) -> Generation:
-        """Greedy decoding of a left-padded batch; `images` in the order their placeholders appear."""
+                 max_new_tokens: int, eos_token_ids=None, pad_token_id: int | None = None,
+                 image_features: np.ndarray | None = None) -> Generation:
+        """Greedy decoding of a left-padded batch; `images` in the order their placeholders appear.
+
+        `image_features`: the images' vision output computed beforehand (`encode_images`), so the vision
+        session can be released first (the parity check); `images` still give the M-RoPE grids.
+        """
         input_ids = np.asarray(input_ids, np.int64)
         attention_mask = np.asarray(attention_mask, np.int64)
         batch = input_ids.shape[0]
         eos = set(self.config["eos_token_id"] if eos_token_ids is None else eos_token_ids)
         pad = pad_token_id if pad_token_id is not None else self.config["pad_token_id"]
         max_new_tokens = self._fit_context(input_ids.shape[1], max_new_tokens)
-        embeds = self.embed_tokens(input_ids, self.encode_images(images))
+        if image_features is None:
+            image_features = self.encode_images(images)
+        embeds = self.embed_tokens(input_ids, image_features)
         grids = [image.grid_thw for image in images if isinstance(image, PreparedImage) and image.grid_thw]
         position_ids, deltas = self.prefill_positions(input_ids, attention_mask, grids or None)
         logits, unsafe_prob, *past = self.run_decoder(embeds, attention_mask, position_ids, self.empty_cache(batch))

@@ -127,7 +127,8 @@ class PatchResult:
     """What a run did: the patched model (still in memory), where each artifact is, seconds and memory per stage.
 
     `seconds` has load, patch, localisation, features, fit (probe fit + leave-one-source-out),
-    calibrate (all of calibration), export_safetensors, export_onnx and total, for the stages that
+    calibrate (all of calibration), forward_passes (the part of calibration inside the model's own
+    calls), export_safetensors, export_onnx and total, for the stages that
     ran; `memory` has one `memory_snapshot` per stage (peak since the previous stage where the kernel
     allows resetting it: `peak_reset_per_stage`).
     """
@@ -290,10 +291,13 @@ def calibrate_stage(options: PatchOptions, result: PatchResult, prompts: list | 
     clock.done("calibrate")
     result.calibration = report
     timings = report.timings  # forward passes (features, projected continuation, localisation), then fitting
-    passes = ("localisation_s", "features_s", "projected_features_s", "total_s")
+    passes = ("localisation_s", "features_s", "projected_features_s", "total_s", "forward_s")
     fitting = sum(value for key, value in timings.items() if key.endswith("_s") and key not in passes)
     result.seconds.update(localisation=timings.get("localisation_s", 0.0), fit=fitting,
-                          features=timings["features_s"] + timings.get("projected_features_s", 0.0))
+                          features=timings["features_s"] + timings.get("projected_features_s", 0.0),
+                          forward_passes=timings["forward_s"])
+    log(f"calibration took {timings['total_s']:.0f}s, {timings['forward_s']:.0f}s of it inside the model's forward "
+        f"passes: {timings['total_s'] / max(timings['forward_s'], 1e-9):.2f}x the passes it must run")
     if options.layers == "auto":
         result.layers_chosen_by = "calibration"
     for line in calibration_lines(report):

@@ -27,6 +27,7 @@ from sasa_patcher.patching import temporary_settings
 from sasa_patcher.probes.feature_cache import FeatureCache, has_room_for, sequence_bytes
 from sasa_patcher.probes.features import (
     Features,
+    ForwardClock,
     batched,
     extract_features,
     image_sha256,
@@ -99,25 +100,26 @@ def _check_classes(labels: np.ndarray, where: str) -> None:
 
 
 def _extract_at(model, processor, prompts, names, chosen_layers, cal_index, cal_groups, timings, *, want_curves,
-                batch_size, pairs, max_pairs, seed, progress, log) -> tuple[Features, Localisation | None]:
+                batch_size, pairs, max_pairs, seed, progress, log, clock) -> tuple[Features, Localisation | None]:
     """Given (s, f): one forward per prompt for every candidate, then the curves from its layer states."""
     model.set_sasa(dataclasses.replace(model.sasa, safety_layer=chosen_layers[0], semantic_layer=chosen_layers[1]))
     mark = time.perf_counter()
     extracted = extract_features(model, processor, prompts, batch_size=batch_size, candidates=names,
-                                 layer_states=want_curves, progress=progress, description="probe features", log=log)
+                                 layer_states=want_curves, progress=progress, description="probe features", log=log,
+                                 clock=clock)
     timings["features_s"] = time.perf_counter() - mark
     if not want_curves:
         return extracted, None
     mark = time.perf_counter()
     localisation = localise(model, processor, [prompts[i] for i in cal_index], features=extracted.subset(cal_index),
                             groups=cal_groups, pairs=pairs, max_pairs=max_pairs, batch_size=batch_size, seed=seed,
-                            progress=progress, choose=False)
+                            progress=progress, choose=False, clock=clock, log=log)
     timings["localisation_s"] = time.perf_counter() - mark
     return extracted, localisation
 
 
 def _localise_and_extract(model, processor, prompts, names, cal_index, cal_groups, timings, *, batch_size, pairs,
-                          max_pairs, seed, progress, cache_dir, log) -> tuple[Features, Localisation]:
+                          max_pairs, seed, progress, cache_dir, log, clock) -> tuple[Features, Localisation]:
     """`--layers auto` with one full forward per prompt.
 
     The all-layer pass gives the localisation's layer states (calibration split only) and every
@@ -141,23 +143,25 @@ def _localise_and_extract(model, processor, prompts, names, cal_index, cal_group
     with temporary_settings(model, mode="gate"):  # augment would run a projected stream the pass does not read
         extracted = extract_features(model, processor, prompts, batch_size=batch_size, candidates=unprojected,
                                      layer_states=True, progress=progress, description="layer states and features",
-                                     cache=cache, sequence_states=store_sequences, log=log)
+                                     cache=cache, sequence_states=store_sequences, log=log, clock=clock)
     timings["features_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
     localisation = localise(model, processor, [prompts[i] for i in cal_index], features=extracted.subset(cal_index),
                             groups=cal_groups, pairs=pairs, max_pairs=max_pairs, batch_size=batch_size, seed=seed,
-                            progress=progress)
+                            progress=progress, clock=clock, log=log)
     timings["localisation_s"] = time.perf_counter() - mark
     model.set_sasa(dataclasses.replace(model.sasa, safety_layer=localisation.safety_layer,
                                        semantic_layer=localisation.semantic_layer))
     mark = time.perf_counter()
     if store_sequences:
         extracted.candidates.update(projected_features(model, processor, prompts, cache, batch_size=batch_size,
-                                                       candidates=projected, progress=progress, log=log))
+                                                       candidates=projected, progress=progress, log=log,
+                                                       clock=clock))
     elif projected:
         extracted.candidates.update(extract_features(model, processor, prompts, batch_size=batch_size,
                                                      candidates=projected, layer_states=False, progress=progress,
-                                                     description="projected features", log=log).candidates)
+                                                     description="projected features", log=log,
+                                                     clock=clock).candidates)
     timings["projected_features_s"] = time.perf_counter() - mark
     extracted.candidates = {name: extracted.candidates[name] for name in names}
     cache.remove()
@@ -207,6 +211,7 @@ def calibrate(
     if features != "auto" and features not in PROBE_FEATURES:
         raise ValueError(f"features must be 'auto' or one of {PROBE_FEATURES}, got {features!r}")
     timings: dict[str, float] = {}
+    clock = ForwardClock()
     started = time.perf_counter()
 
     # 1. policy, then split by stable hash
@@ -235,13 +240,14 @@ def calibrate(
     if layers == "auto":
         extracted, localisation = _localise_and_extract(
             model, processor, prompts, names, cal_index, cal_groups, timings, batch_size=batch_size, pairs=pairs,
-            max_pairs=max_pairs, seed=seed, progress=progress, cache_dir=cache_dir, log=log)
+            max_pairs=max_pairs, seed=seed, progress=progress, cache_dir=cache_dir, log=log, clock=clock)
         chosen_layers = (localisation.safety_layer, localisation.semantic_layer)
     else:
         chosen_layers = (int(layers[0]), int(layers[1]))
         extracted, localisation = _extract_at(model, processor, prompts, names, chosen_layers, cal_index, cal_groups,
                                               timings, want_curves=plot_dir is not None, batch_size=batch_size,
-                                              pairs=pairs, max_pairs=max_pairs, seed=seed, progress=progress, log=log)
+                                              pairs=pairs, max_pairs=max_pairs, seed=seed, progress=progress, log=log,
+                                              clock=clock)
 
     # 4. feature choice and probe fit, calibration split only
     mark = time.perf_counter()
@@ -347,6 +353,7 @@ def calibrate(
         for i, p in enumerate(prompts)
     ]
     timings["total_s"] = time.perf_counter() - started
+    timings["forward_s"] = clock.seconds
     return CalibrationReport(
         layers=chosen_layers, feature=feature, threshold=threshold, target_fpr=target_fpr, heldout=heldout,
         calibration=calibration, candidates=choice.figures, C=fit.C, loso=loso, digest=digest, metrics=metrics,

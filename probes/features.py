@@ -38,6 +38,33 @@ SEQUENCE_STATES = "sequence_states"
 
 
 @dataclass
+class ForwardClock:
+    """Seconds spent inside the model's own calls (forward, projected continuation), summed over a run.
+
+    Why: calibration's cost is stated as its wall time over the forward passes it must run (issue:
+    aim <= 1.2x); tokenising, disk writes, probe fitting and the curves are the rest.
+    """
+
+    seconds: float = 0.0
+    prompts: int = 0
+
+    @contextlib.contextmanager
+    def timing(self, prompts: int) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # kernels run asynchronously: count them here, not in the next copy
+            self.seconds += time.perf_counter() - started
+            self.prompts += prompts
+
+
+def _timed(clock: ForwardClock | None, prompts: int):
+    return clock.timing(prompts) if clock is not None else contextlib.nullcontext()
+
+
+@dataclass
 class Features:
     """Per-prompt features in the order of the prompts they came from.
 
@@ -218,6 +245,7 @@ def extract_features(
     cache: FeatureCache | None = None,
     sequence_states: bool = False,
     log: Callable[[str], None] | None = None,
+    clock: ForwardClock | None = None,
 ) -> Features:
     """Run the patched model once per batch and collect features at the last prompt position.
 
@@ -226,7 +254,8 @@ def extract_features(
     are batched by length (less padding) and results returned in the input order. The model is put
     in eval mode; batches go to its device and dtype. `cache`: batches already on disk are read, not
     recomputed, and new ones are written; `sequence_states` (needs `cache`) also writes every layer's
-    output at every position. `log` hears the time estimate after the first computed batch.
+    output at every position. `log` hears the time estimate after the first computed batch; `clock`
+    adds the seconds spent in the model's forward calls.
     """
     unknown = set(candidates) - set(PROBE_FEATURES)
     if unknown:
@@ -248,8 +277,9 @@ def extract_features(
         (log or print)(message)
 
     def compute(index: int, batch: dict) -> dict:
-        output = model(**to_model(batch, device, dtype), output_sasa_features=tuple(candidates), use_cache=False,
-                       logits_to_keep=1, output_sasa_sequence_states=sequence_states)
+        with _timed(clock, len(batch["input_ids"])):
+            output = model(**to_model(batch, device, dtype), output_sasa_features=tuple(candidates), use_cache=False,
+                           logits_to_keep=1, output_sasa_sequence_states=sequence_states)
         found = {name: output.sasa_features[name] for name in wanted}
         if cache is not None:
             cache.save("batch", index, found)
@@ -282,6 +312,7 @@ def _store(stored: dict[str, torch.Tensor], found: dict[str, torch.Tensor], inde
 def projected_features(
     model, processor, prompts: Sequence, cache: FeatureCache, *, batch_size: int = 8,
     candidates: Sequence[str] = PROJECTED_FEATURES, progress: bool = True, log: Callable[[str], None] | None = None,
+    clock: ForwardClock | None = None,
 ) -> dict[str, torch.Tensor]:
     """The projected candidates at the model's current (s, f), continued from `extract_features`'
     stored sequence states (same prompts, batch size and cache): layers s+1..L-1 only."""
@@ -295,8 +326,9 @@ def projected_features(
     def compute(index: int, batch: dict) -> dict:
         layers = cache.load("sequence", index, [f"layer.{s}", f"layer.{f}"])
         batch = to_model(batch, device, dtype)
-        found = model.sasa_projected_candidates(layers[f"layer.{s}"].to(device, dtype),
-                                                layers[f"layer.{f}"].to(device, dtype), **batch)
+        with _timed(clock, len(batch["input_ids"])):
+            found = model.sasa_projected_candidates(layers[f"layer.{s}"].to(device, dtype),
+                                                    layers[f"layer.{f}"].to(device, dtype), **batch)
         found = {name: found[name] for name in candidates}
         cache.save(kind, index, found)
         return found

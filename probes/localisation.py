@@ -44,7 +44,7 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from sasa_patcher.patching import temporary_settings
-from sasa_patcher.probes.features import extract_features
+from sasa_patcher.probes.features import ForwardClock, extract_features
 from sasa_patcher.probes.probe import cross_validate
 from sasa_patcher.probes.refusal import REFUSAL_OPENINGS
 
@@ -301,7 +301,8 @@ def localise(
     model, processor, prompts: Sequence, *, features=None, groups: Sequence | None = None,
     pairs: Sequence[tuple] | None | str = "auto", batch_size: int = 8, seed: int = 0, progress: bool = True,
     refusal_phrases: Sequence[str] = REFUSAL_OPENINGS, max_expression_prompts: int = DEFAULT_MAX_EXPRESSION_PROMPTS,
-    max_pairs: int = DEFAULT_MAX_PAIRS, choose: bool = True,
+    max_pairs: int = DEFAULT_MAX_PAIRS, choose: bool = True, clock: ForwardClock | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Localisation:
     """The three curves on `prompts` (calibration data) and the (s, f) the rule picks.
 
@@ -309,13 +310,15 @@ def localise(
     forward per batch collects them. `groups` keeps related prompts in one CV fold (see
     `probes.splits.group_key`). `pairs`: "auto" builds typographic pairs from the prompts, None skips
     the semantic curve, or give (image prompt, text prompt) pairs. With `choose=False` the model's
-    current layers are reported instead of chosen (curves for a user-given (s, f)).
+    current layers are reported instead of chosen (curves for a user-given (s, f)). `clock` and `log`
+    as in `extract_features` (the image pairs are the long part at real size: `log` hears their time).
     """
     layers = model.config.get_text_config().num_hidden_layers
     if features is None or features.layer_states is None:
         with cheapest_projection(model):
             features = extract_features(model, processor, prompts, batch_size=batch_size, candidates=(),
-                                        layer_states=True, progress=progress, description="layer states")
+                                        layer_states=True, progress=progress, description="layer states",
+                                        clock=clock, log=log)
     labels = features.labels
     safety = safety_curve(features.layer_states, labels, groups, seed=seed)
 
@@ -327,9 +330,11 @@ def localise(
     if pairs is not None and len(pairs) >= 2:
         with cheapest_projection(model):
             image_states = extract_features(model, processor, [p[0] for p in pairs], batch_size=batch_size,
-                                            candidates=(), progress=progress, description="image pairs").layer_states
+                                            candidates=(), progress=progress, description="image pairs",
+                                            clock=clock, log=log).layer_states
             text_states = extract_features(model, processor, [p[1] for p in pairs], batch_size=batch_size,
-                                           candidates=(), progress=progress, description="text pairs").layer_states
+                                           candidates=(), progress=progress, description="text pairs",
+                                           clock=clock, log=log).layer_states
         semantic = semantic_curve(image_states, text_states)
 
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from sasa_patcher.modeling_sasa import PROJECTED_FEATURES
 from sasa_patcher.probes.calibrate import calibrate
 from sasa_patcher.probes.feature_cache import FeatureCache, model_digest
-from sasa_patcher.probes.features import extract_features, projected_features
+from sasa_patcher.probes.features import ForwardClock, extract_features, projected_features
 from tiny_calibration import patched_tiny, synthetic_prompts, tiny_processor
 
 BATCH = 8
@@ -40,6 +41,8 @@ def test_localised_calibration_runs_one_full_forward_per_prompt(tmp_path):
     # every prompt once through all L layers, then the projected candidates through layers s+1..L-1 only
     assert counts["rows"] == len(prompts) * num_layers + len(prompts) * (num_layers - s - 1)
     assert not (tmp_path / "features").exists() or not any((tmp_path / "features").iterdir())
+    # the time in those passes is what the calibration's overhead is stated against
+    assert 0 < report.timings["forward_s"] < report.timings["total_s"]
 
 
 def test_projected_features_from_stored_states_equal_a_full_forward(tmp_path):
@@ -101,3 +104,17 @@ def test_the_cache_key_follows_the_weights_and_the_prompts(tmp_path):
     assert model_digest(model) != before
     assert key != FeatureCache.for_run(model, prompts, batch_size=BATCH, candidates=("logits",),
                                        root=tmp_path).directory
+
+
+def test_forward_clock_counts_every_prompt_of_every_pass(tmp_path):
+    """The all-layer pass and the projected continuation each add their prompts and their model-call time."""
+    prompts = synthetic_prompts(20)
+    model, processor = patched_tiny("qwen2_vl"), tiny_processor("qwen2_vl")
+    clock, cache = ForwardClock(), FeatureCache(tmp_path)
+    started = time.perf_counter()
+    extract_features(model, processor, prompts, batch_size=BATCH, candidates=("logits",), progress=False,
+                     cache=cache, sequence_states=True, clock=clock)
+    assert clock.prompts == len(prompts) and clock.seconds > 0
+    first = clock.seconds
+    projected_features(model, processor, prompts, cache, batch_size=BATCH, progress=False, clock=clock)
+    assert clock.prompts == 2 * len(prompts) and first < clock.seconds < time.perf_counter() - started

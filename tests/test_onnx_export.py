@@ -140,7 +140,7 @@ def test_vision_graph_takes_any_grid_and_several_images(exported, name):
         pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=generator)
         expected = model.sasa_image_features({"pixel_values": pixels, "image_grid_thw": grid}).numpy()
         feeds = {"pixel_values": pixels.numpy(), "image_grid_thw": grid.numpy()}
-        assert np.abs(runtime.vision.run(None, feeds)[0] - expected).max() <= 1e-5, grids
+        assert np.abs(runtime.session("vision_encoder").run(None, feeds)[0] - expected).max() <= 1e-5, grids
 
 
 def two_image_case(grids: list[list[int]], text: int = 6) -> dict:
@@ -169,6 +169,27 @@ def test_two_images_of_different_sizes_generate_like_pytorch(exported, name):
     assert figures["images"] == 2 and figures["image_features_max_abs_diff"] <= 1e-5, figures
     assert figures["logits_max_abs_diff"] <= LOGITS_TOLERANCE, figures
     assert figures["unsafe_prob_max_abs_diff"] <= PROB_TOLERANCE and figures["tokens_identical"], figures
+
+
+def test_vision_session_released_before_the_decoder_phase(exported):
+    """What the parity check relies on: features encoded first, the vision session dropped, then the same generation."""
+    from sasa_patcher.export.onnx_parity import split_images
+
+    model, out, _ = exported("qwen2_5_vl", "gate")
+    runtime = OnnxVlm(out, providers=["CPUExecutionProvider"])
+    case = two_image_case([[1, 8, 12], [1, 6, 4]])
+    images = split_images(model, case)
+    ids, mask = case["input_ids"].numpy(), case["attention_mask"].numpy()
+    inline = runtime.generate(ids, mask, images, 8, eos_token_ids=[])
+    features = runtime.encode_images(images)
+    runtime.release("vision_encoder")
+    loaded, session = [], runtime.session
+    runtime.session = lambda graph: loaded.append(graph) or session(graph)
+    apart = runtime.generate(ids, mask, images, 8, eos_token_ids=[], image_features=features)
+    assert "vision_encoder" not in loaded and {"embed_tokens", "decoder"} <= set(loaded)
+    assert np.array_equal(apart.tokens, inline.tokens) and np.array_equal(apart.prefill_logits, inline.prefill_logits)
+    runtime.session = session
+    assert np.array_equal(runtime.encode_images(images), features)  # loaded again on demand
 
 
 @torch.no_grad()
