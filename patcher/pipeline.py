@@ -19,6 +19,7 @@ import torch
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.memory import memory_snapshot, reset_peak
 from sasa_patcher.modeling_sasa import DEFAULT_REFUSAL, PROBE_FEATURES, PROJECTION_MODES, SERVING_MODES, SasaSettings
+from sasa_patcher.probes.localisation import DEFAULT_MAX_PAIRS
 from sasa_patcher.tables import format_metric
 
 FORMATS = ("safetensors", "onnx")
@@ -50,6 +51,7 @@ class PatchOptions:
     target_fpr: float = 0.05
     policy: str = "all"  # which hazards count as harmful (probes.taxonomy.parse_policy)
     batch_size: int = 8
+    semantic_pairs: int = DEFAULT_MAX_PAIRS  # image/text pairs of --layers auto's semantic curve (0: no curve)
     calibration_record: bool = True
     formats: tuple[str, ...] = FORMATS
     push_to_hub: str | None = None
@@ -84,6 +86,9 @@ class PatchOptions:
             raise UserInputError(f"--policy: {error}") from None
         if self.batch_size < 1:
             raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.semantic_pairs < 0 or self.semantic_pairs == 1:
+            raise UserInputError(f"--semantic-pairs must be 0 (no semantic curve) or at least 2, "
+                                 f"got {self.semantic_pairs}")
         check_formats(self.formats, ",".join(self.formats))
         check_device(self.device)
         from sasa_patcher.export.onnx_precision import PRECISIONS
@@ -287,7 +292,8 @@ def calibrate_stage(options: PatchOptions, result: PatchResult, prompts: list | 
     layers = "auto" if options.layers == "auto" else parse_layers(options.layers)
     report = calibrate(result.model, result.processor, prompts, layers=layers, features=options.probe_features,
                        target_fpr=options.target_fpr, batch_size=options.batch_size, plot_dir=staging,
-                       policy=parse_policy(options.policy), log=log)
+                       policy=parse_policy(options.policy), pairs="auto" if options.semantic_pairs else None,
+                       max_pairs=options.semantic_pairs, log=log)
     clock.done("calibrate")
     result.calibration = report
     timings = report.timings  # forward passes (features, projected continuation, localisation), then fitting

@@ -24,6 +24,8 @@ from tiny_models import build_qwen2_vl
 @pytest.mark.parametrize("changes,message", [
     ({"target_fpr": 1.5}, "--target-fpr"),
     ({"batch_size": 0}, "--batch-size"),
+    ({"semantic_pairs": 1}, "--semantic-pairs"),
+    ({"semantic_pairs": -2}, "--semantic-pairs"),
     ({"formats": ("gguf",)}, "--format"),
     ({"formats": ()}, "--format"),
     ({"mode": "block"}, "--mode"),
@@ -48,7 +50,7 @@ def test_run_patch_writes_the_artifact_and_reports_stages(tiny_dir, tmp_path):
     out = tmp_path / "patched"
     lines: list[str] = []
     options = PatchOptions(out=out, model=str(tiny_dir), layers="1,3", calibration="manifest",
-                           calibration_prompts=synthetic_prompts(48), formats=("safetensors",))
+                           calibration_prompts=synthetic_prompts(48), formats=("safetensors",), semantic_pairs=4)
     result = run_patch(options, log=lines.append)
     assert result.out == out and result.layers_chosen_by == "user" and result.num_layers == 6
     assert result.artifacts == {"calibration_record": out / "calibration.jsonl", "safetensors": out}
@@ -63,6 +65,9 @@ def test_run_patch_writes_the_artifact_and_reports_stages(tiny_dir, tmp_path):
     assert all(snapshot["peak_rss"] > 0 for snapshot in result.memory.values())
     assert result.seconds["total"] >= result.seconds["load"] + result.seconds["export_safetensors"]
     assert any(line.startswith("held-out") for line in lines)
+    assert result.calibration.localisation.counts["pairs"] == 4
+    assert 0 < result.seconds["forward_passes"] < result.seconds["calibrate"]
+    assert any("inside the model's forward passes" in line for line in lines)
 
 
 def test_untrained_probe_writes_no_record(tiny_dir, tmp_path):

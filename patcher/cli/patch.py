@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hazards that count as harmful: 'all' (default), a comma list (hate,privacy), or "
                              "all minus some (all,-sexual_content,-specialized_advice); AILuminate categories")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--semantic-pairs", type=int, default=PatchOptions.semantic_pairs,
+                        help="typographic image/text pairs for --layers auto's semantic curve (default "
+                             f"{PatchOptions.semantic_pairs}; 0: none). At real size they are the longest part of a "
+                             "small calibration (an image prompt costs ~10 text prompts): fewer pairs, weaker evidence")
     parser.add_argument("--no-calibration-record", action="store_true",
                         help="do not write calibration.jsonl (text, label, source, split) into the artifact")
     parser.add_argument("--format", default=",".join(FORMATS), help="comma-separated: safetensors, onnx")
@@ -70,6 +74,7 @@ def options_from_args(args: argparse.Namespace) -> PatchOptions:
         out=args.out, model=args.model, layers=args.layers, projection=args.projection, beta=args.beta,
         eps=args.eps, mode=args.mode, refusal_text=args.refusal_text, calibration=args.calibration,
         probe_features=args.probe_features, target_fpr=args.target_fpr, policy=args.policy, batch_size=args.batch_size,
+        semantic_pairs=args.semantic_pairs,
         calibration_record=not args.no_calibration_record, formats=parse_formats(args.format),
         push_to_hub=args.push_to_hub, adapter=args.adapter, dtype=args.dtype, device=args.device, force=args.force,
         allow_random_calibration=args.allow_random_calibration, keep_model=False, onnx_precision=args.onnx_precision,
