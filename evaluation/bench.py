@@ -23,6 +23,7 @@ from sasa_patcher.errors import UserInputError
 from sasa_patcher.loading import check_device, torch_dtype
 from sasa_patcher.memory import current_rss_bytes, memory_snapshot, reset_peak, weight_bytes
 from sasa_patcher.pipeline import PatchOptions, PatchResult, StageClock, load_and_patch, resolve, run_patch
+from sasa_patcher.shapes import check_shape_options
 
 RUNTIMES = ("pytorch", "onnxruntime")
 BUILTIN_CELLS = 4  # the built-in set's harmful/benign x imperative/question cells
@@ -52,6 +53,8 @@ def check_options(args: argparse.Namespace) -> list[str]:
                              f"{MIN_CALIBRATION_PROMPTS} and {limit}, got {count}")
     check_device(args.device)
     dtype = torch_dtype(args.dtype, args.device)
+    if not args.skip_patch_timing:  # before resolving: a shape-true model is built on first use (minutes)
+        check_shape_options(args.model, "builtin subsample", args.allow_random_calibration)
     if "onnxruntime" in runtimes:
         from sasa_patcher.evaluation.latency import onnxruntime_providers
 
@@ -68,7 +71,8 @@ def patch_options(args: argparse.Namespace, out: Path, prompts: list | None) -> 
     onnx = torch_dtype(args.dtype, args.device) == torch.float32
     return PatchOptions(out=out, model=args.model, layers=args.layers, calibration="builtin subsample",
                         calibration_prompts=prompts, formats=("safetensors", "onnx") if onnx else ("safetensors",),
-                        dtype=args.dtype, device=args.device, force=True)
+                        dtype=args.dtype, device=args.device, force=True,
+                        allow_random_calibration=args.allow_random_calibration)
 
 
 def check_model(args: argparse.Namespace) -> tuple[Path, int]:
@@ -109,6 +113,8 @@ def patch_seconds(result: PatchResult) -> dict[str, float]:
     parts = {"load": seconds["load"], "patch": seconds["patch"], "localisation": seconds["localisation"],
              "features": seconds["features"]}
     parts["calibration_forward"] = parts["localisation"] + parts["features"]
+    parts["forward_passes"] = seconds["forward_passes"]  # the part of those passes inside the model's calls
+    parts["calibrate"] = seconds["calibrate"]
     parts["fit"] = seconds["fit"]
     for name in ("export_safetensors", "export_onnx"):
         if name in seconds:
@@ -200,7 +206,8 @@ def run(args: argparse.Namespace) -> dict:
         seconds = patch_seconds(result)
         formats = [name for name in ("safetensors", "onnx") if name in result.artifacts]
         details = {"calibration_prompts": len(prompts), "builtin_prompts": full, "subsample": len(prompts) < full,
-                   "formats": formats, "forward_share": seconds["calibration_forward"] / seconds["total"]}
+                   "formats": formats, "forward_share": seconds["forward_passes"] / seconds["total"],
+                   "calibration_over_forward": seconds["calibrate"] / max(seconds["forward_passes"], 1e-9)}
         covers += f", calibration, {' and '.join(formats)} export"
     peak_over_weights, memory = memory_report(weights, baseline, resettable, patch_stage, latency_stage, covers)
     settings = model.sasa

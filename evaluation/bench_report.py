@@ -72,12 +72,14 @@ def patch_lines(report: dict) -> list[str]:
     parts = [
         ("load", "load", ""),
         ("patch (class swap, fixed modules)", "patch", ""),
-        ("calibration forward passes", "calibration_forward",
-         f"localisation {seconds['localisation']:.1f} s, features {seconds['features']:.1f} s"),
+        ("calibration passes", "calibration_forward",
+         f"localisation {seconds['localisation']:.1f} s, features {seconds['features']:.1f} s; "
+         f"{seconds['forward_passes']:.1f} s inside the model's calls"),
         ("probe fit (+ leave-one-source-out)", "fit", ""),
         ("export", "export", ", ".join(f"{name} {seconds['export_' + name]:.1f} s" for name in details["formats"])),
         ("other", "other", ""),
-        ("total", "total", f"forward passes {100 * details['forward_share']:.0f}% of it"),
+        ("total", "total", f"forward passes {100 * details['forward_share']:.0f}% of it; calibration "
+                           f"{details['calibration_over_forward']:.2f}x its forward passes"),
     ]
     return [f"patch wall time (calibrated on {sample}):"] + [
         f"  {label:<36}{seconds[key]:>8.1f} s  {note}".rstrip() for label, key, note in parts]

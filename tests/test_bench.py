@@ -272,9 +272,11 @@ def test_cli_patch_timing(capsys, tiny_dir, tmp_path):
         assert isinstance(seconds[name], float) and math.isfinite(seconds[name]), name
     assert seconds["other"] >= 0  # the named parts are sub-intervals of the total
     assert seconds["calibration_forward"] == pytest.approx(seconds["localisation"] + seconds["features"])
+    assert 0 < seconds["forward_passes"] < seconds["calibration_forward"] < seconds["calibrate"]
     patch = report["patch"]
     assert patch["calibration_prompts"] == 32 and patch["subsample"] and patch["formats"] == ["safetensors"]
     assert 0 < patch["forward_share"] < 1
+    assert patch["calibration_over_forward"] == pytest.approx(seconds["calibrate"] / seconds["forward_passes"])
     assert report["layers"]["chosen_by"] == "calibration"
     assert "32-prompt subsample" in stdout
 
@@ -290,6 +292,7 @@ def test_cli_patch_timing(capsys, tiny_dir, tmp_path):
     (["--layers", "3,3"], "must come before"),
     (["--layers", "1,6"], "does not exist"),
     (["--prompt-tokens", "600"], "positions"),
+    (["--model", "shape:qwen-vl"], "--allow-random-calibration"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tiny_dir, argv, message):
     if "--model" not in argv:

@@ -63,9 +63,10 @@ JSON (`--json PATH`); milliseconds are medians over the repeats, ratios are patc
           "runtime": {...}                # device/dtype/threads, or providers and export seconds
         }
       },
-      "patch_seconds": {"load", "patch", "localisation", "features", "calibration_forward", "fit",
-                        "export_safetensors", "export_onnx", "export", "other", "total"} | null,
-      "patch": {"forward_share", "calibration_prompts", "builtin_prompts", "subsample", "formats"} | null,
+      "patch_seconds": {"load", "patch", "localisation", "features", "calibration_forward", "forward_passes",
+                        "calibrate", "fit", "export_safetensors", "export_onnx", "export", "other", "total"} | null,
+      "patch": {"forward_share", "calibration_over_forward", "calibration_prompts", "builtin_prompts",
+                "subsample", "formats"} | null,   # forward_passes: seconds inside the model's own calls
       "peak_rss_over_weights": float | null,
       "memory": {"weight_bytes", "baseline_rss", "peak_reset_per_stage", "patch_stage", "latency_stage",
                  "patch_stage_covers", "latency_peak_rss_over_weights", "cuda_peak_allocated_bytes"},
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-prompts", type=int, default=64,
                         help="size of the deterministic, label- and form-balanced subsample of the built-in "
                              "calibration prompts the patch timing calibrates on; a multiple of 4 (default: 64)")
+    parser.add_argument("--allow-random-calibration", action="store_true",
+                        help="time the calibration of a shape-true model anyway (random weights: its probe means "
+                             "nothing, only the patch-time split does)")
     parser.add_argument("--skip-patch-timing", action="store_true",
                         help="no calibration and no artifact export: latency and memory of load + patch only")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON here")
