@@ -42,6 +42,7 @@ from torch import nn
 
 from sasa_patcher.architectures import ImageLayout, spec_for
 from sasa_patcher.export.onnx_names import UNSAFE_PROB_NOT_COMPUTED
+from sasa_patcher.export.onnx_transposes import fold_weight_transposes
 from sasa_patcher.export.onnx_vision import QwenVisionGraph, trace_grids
 from sasa_patcher.modeling_sasa import SasaCache, last_token_index
 
@@ -244,6 +245,7 @@ def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, 
     _strip_ir_metadata(model)
     _name_ir_axes(model, {("inputs_embeds", 0): "batch", ("inputs_embeds", 1): "sequence_length",
                           ("attention_mask", 1): "total_sequence_length", (past_names[0], 2): "past_sequence_length"})
+    fold_weight_transposes(model)  # layers s+1..L-1 are read twice: ONNX Runtime would copy them transposed
     _save_ir(model, path, threshold)
     _drop_ir_weights(model)
     torch.compiler.reset()  # torch.export's caches keep the traced wrapper, and so the model, alive
