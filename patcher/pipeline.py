@@ -302,8 +302,10 @@ def calibrate_stage(options: PatchOptions, result: PatchResult, prompts: list | 
     result.seconds.update(localisation=timings.get("localisation_s", 0.0), fit=fitting,
                           features=timings["features_s"] + timings.get("projected_features_s", 0.0),
                           forward_passes=timings["forward_s"])
-    log(f"calibration took {timings['total_s']:.0f}s, {timings['forward_s']:.0f}s of it inside the model's forward "
-        f"passes: {timings['total_s'] / max(timings['forward_s'], 1e-9):.2f}x the passes it must run")
+    rest = timings["total_s"] - timings["forward_s"] - fitting
+    log(f"calibration took {timings['total_s']:.0f}s = {timings['total_s'] / max(timings['forward_s'], 1e-9):.2f}x "
+        f"the forward passes it must run ({timings['forward_s']:.0f}s inside the model's calls; probe fits and "
+        f"transfer {fitting:.0f}s; curves, tokenising and feature storage {rest:.0f}s)")
     if options.layers == "auto":
         result.layers_chosen_by = "calibration"
     for line in calibration_lines(report):

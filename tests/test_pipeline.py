@@ -67,7 +67,7 @@ def test_run_patch_writes_the_artifact_and_reports_stages(tiny_dir, tmp_path):
     assert any(line.startswith("held-out") for line in lines)
     assert result.calibration.localisation.counts["pairs"] == 4
     assert 0 < result.seconds["forward_passes"] < result.seconds["calibrate"]
-    assert any("inside the model's forward passes" in line for line in lines)
+    assert any("the forward passes it must run" in line for line in lines)
 
 
 def test_untrained_probe_writes_no_record(tiny_dir, tmp_path):
