@@ -23,7 +23,6 @@ from sasa_patcher.errors import UserInputError
 from sasa_patcher.loading import check_device, torch_dtype
 from sasa_patcher.memory import current_rss_bytes, memory_snapshot, reset_peak, weight_bytes
 from sasa_patcher.pipeline import PatchOptions, PatchResult, StageClock, load_and_patch, resolve, run_patch
-from sasa_patcher.shapes import check_shape_options
 
 RUNTIMES = ("pytorch", "onnxruntime")
 BUILTIN_CELLS = 4  # the built-in set's harmful/benign x imperative/question cells
@@ -53,8 +52,8 @@ def check_options(args: argparse.Namespace) -> list[str]:
                              f"{MIN_CALIBRATION_PROMPTS} and {limit}, got {count}")
     check_device(args.device)
     dtype = torch_dtype(args.dtype, args.device)
-    if not args.skip_patch_timing:  # before resolving: a shape-true model is built on first use (minutes)
-        check_shape_options(args.model, "builtin subsample", args.allow_random_calibration)
+    if not args.skip_patch_timing:  # the pipeline's own checks, before a shape-true model is built (minutes)
+        patch_options(args, Path(tempfile.gettempdir()) / "sasa-bench-unwritten", []).validate()
     if "onnxruntime" in runtimes:
         from sasa_patcher.evaluation.latency import onnxruntime_providers
 
@@ -72,7 +71,7 @@ def patch_options(args: argparse.Namespace, out: Path, prompts: list | None) -> 
     return PatchOptions(out=out, model=args.model, layers=args.layers, calibration="builtin subsample",
                         calibration_prompts=prompts, formats=("safetensors", "onnx") if onnx else ("safetensors",),
                         dtype=args.dtype, device=args.device, force=True,
-                        allow_random_calibration=args.allow_random_calibration)
+                        allow_random_calibration=args.allow_random_calibration, semantic_pairs=args.semantic_pairs)
 
 
 def check_model(args: argparse.Namespace) -> tuple[Path, int]:

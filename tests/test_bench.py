@@ -262,8 +262,8 @@ def test_cli_patch_timing(capsys, tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
     code, stdout, _ = run_main(capsys, ["--model", str(tiny_dir), "--runtimes", "pytorch", "--dtype", "bfloat16",
                                         "--calibration-prompts", "32", "--prompt-tokens", "8", "--decode-tokens",
-                                        "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
-                                        "--json", str(out)])
+                                        "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--semantic-pairs",
+                                        "4", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     seconds = report["patch_seconds"]
@@ -293,6 +293,7 @@ def test_cli_patch_timing(capsys, tiny_dir, tmp_path):
     (["--layers", "1,6"], "does not exist"),
     (["--prompt-tokens", "600"], "positions"),
     (["--model", "shape:qwen-vl"], "--allow-random-calibration"),
+    (["--semantic-pairs", "1"], "--semantic-pairs"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tiny_dir, argv, message):
     if "--model" not in argv:

@@ -92,6 +92,7 @@ from sasa_patcher.errors import UserInputError
 from sasa_patcher.evaluation.bench import RUNTIMES, run
 from sasa_patcher.evaluation.bench_report import format_markdown, format_report
 from sasa_patcher.loading import ALIASES, DEFAULT_MODEL
+from sasa_patcher.pipeline import PatchOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-prompts", type=int, default=64,
                         help="size of the deterministic, label- and form-balanced subsample of the built-in "
                              "calibration prompts the patch timing calibrates on; a multiple of 4 (default: 64)")
+    parser.add_argument("--semantic-pairs", type=int, default=PatchOptions.semantic_pairs,
+                        help="typographic image/text pairs of the calibration's semantic curve, as sasa-patch "
+                             f"(default {PatchOptions.semantic_pairs}; at 2B on a CPU each pair costs ~25 s)")
     parser.add_argument("--allow-random-calibration", action="store_true",
                         help="time the calibration of a shape-true model anyway (random weights: its probe means "
                              "nothing, only the patch-time split does)")
