@@ -42,8 +42,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sasa_patcher.export.onnx_float32 import (
     kept_float32_nodes,
     name_unnamed_nodes,
@@ -76,7 +74,12 @@ def check_precision(precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> Non
 
 # ----- int4 ----------------------------------------------------------------------------------------------------
 def quantize_int4(model, block_size: int = DEFAULT_BLOCK_SIZE, exclude: Iterable[str] = ()):
-    """MatMulNBits (4 bits, symmetric, `block_size`) on every constant-weight MatMul outside `exclude`."""
+    """MatMulNBits (4 bits, symmetric, `block_size`) on every constant-weight MatMul outside `exclude`.
+
+    The exporter stores each weight as the MatMul reads it (`export.onnx_transposes`), so the quantizer
+    sees every weight as an initialiser (artifacts exported before that kept a runtime Transpose on the
+    layers the projected stream reads again: re-export them).
+    """
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError:  # ONNX Runtime before 1.20 names it after 4 bits only
@@ -84,7 +87,6 @@ def quantize_int4(model, block_size: int = DEFAULT_BLOCK_SIZE, exclude: Iterable
 
     import logging
 
-    _fold_weight_transposes(model, set(exclude))
     quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level, quiet.level = quiet.level, logging.WARNING  # it logs every node it skips at INFO
     try:
@@ -102,48 +104,6 @@ def quantize_int4(model, block_size: int = DEFAULT_BLOCK_SIZE, exclude: Iterable
             graph.ClearField("initializer")
             graph.initializer.extend(unique)
     return model
-
-
-def _fold_weight_transposes(model, exclude: set[str]) -> int:
-    """`MatMul(x, Transpose(W))` -> `MatMul(x, W^T)` with W^T an initialiser, so the quantizer sees the weight.
-
-    The exporter leaves large weights behind a runtime Transpose (it folds constants only under a size
-    limit); MatMulNBits needs the weight as an initialiser. Done one weight at a time, in every nested
-    graph; the untransposed weight goes when nothing else reads it (the quantizer's clean-up).
-    """
-    from onnx import numpy_helper
-
-    graphs = list(walk_graphs(model.graph))
-    inits = {init.name: (graph, init) for graph in graphs for init in graph.initializer}
-    producers = {out: (graph, node) for graph in graphs for node in graph.node for out in node.output}
-    folded: dict[str, str] = {}
-    count = 0
-    for graph in graphs:
-        for node in graph.node:
-            if node.op_type != "MatMul" or node.name in exclude or len(node.input) < 2:
-                continue
-            source = producers.get(node.input[1])
-            if source is None or source[1].op_type != "Transpose" or source[1].input[0] not in inits:
-                continue
-            transpose = source[1]
-            perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
-            owner, weight = inits[transpose.input[0]]
-            if len(weight.dims) != 2 or perm not in (None, [1, 0]):
-                continue
-            name = folded.get(weight.name)
-            if name is None:
-                name = folded[weight.name] = f"{weight.name}_sasa_transposed"
-                owner.initializer.append(numpy_helper.from_array(
-                    np.ascontiguousarray(numpy_helper.to_array(weight).T), name))
-            node.input[1] = name
-            count += 1
-    # the Transposes nobody reads any more
-    read = {name for graph in graphs for node in graph.node for name in node.input} | {
-        value.name for graph in graphs for value in graph.output}
-    for graph in graphs:
-        for node in [n for n in graph.node if n.op_type == "Transpose" and not set(n.output) & read]:
-            graph.node.remove(node)
-    return count
 
 
 # ----- fp16 ----------------------------------------------------------------------------------------------------
