@@ -144,6 +144,7 @@ def export_onnx(
         release_model()
         gc.collect()
         _return_freed_memory()
+        reset_peak()  # the ONNX Runtime phase's peak starts here, not at the model's size before the release
         log(f"released the PyTorch model before ONNX Runtime loads the graphs (RSS now "
             f"{current_rss_bytes() / GIB:.1f} GiB: {current_rss_bytes('RssAnon') / GIB:.1f} private, "
             f"{current_rss_bytes('RssFile') / GIB:.1f} mapped files)")
