@@ -162,20 +162,13 @@ def compare_image_features(runtime: OnnxVlm, reference: dict[str, Any]) -> tuple
     return (np.concatenate(encoded) if encoded else np.zeros((0, hidden), np.float32)), figures
 
 
-def compare_reference(runtime: OnnxVlm, reference: dict[str, Any],
-                      image_features: np.ndarray | None = None) -> dict[str, Any]:
-    """ONNX Runtime on one case against its PyTorch reference: the figures of one `cases` entry.
-
-    `image_features`: the vision graph's output from `compare_image_features` (whose figures the caller
-    merges); without it the vision graph runs here.
-    """
+def compare_reference(runtime: OnnxVlm, reference: dict[str, Any], image_features: np.ndarray) -> dict[str, Any]:
+    """ONNX Runtime's embed and decoder graphs on one case against its PyTorch reference, from the image
+    features `compare_image_features` computed (the caller merges its figures into these)."""
     mask = reference["attention_mask"].astype(bool)
     images = reference["images"]
     figures: dict[str, Any] = {"name": reference["name"], "batch": int(mask.shape[0]), "images": len(images),
                                "prompt_tokens": [int(row.sum()) for row in mask]}
-    if image_features is None:
-        image_features, vision_figures = compare_image_features(runtime, reference)
-        figures.update(vision_figures)
     figures["torch_seconds"] = reference["torch_seconds"]
     torch_tokens = reference["tokens"]
     started = time.perf_counter()
@@ -200,7 +193,9 @@ def compare_reference(runtime: OnnxVlm, reference: dict[str, Any],
 def compare_case(model, runtime: OnnxVlm, case: dict, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
     """One case, both sides (the model and a session at once: fine for small models)."""
     image_size = (runtime.config.get("image") or {}).get("sizes", [None])[0]
-    return compare_reference(runtime, torch_reference(model, case, image_size, max_new_tokens))
+    reference = torch_reference(model, case, image_size, max_new_tokens)
+    features, vision = compare_image_features(runtime, reference)
+    return {**compare_reference(runtime, reference, features), **vision}
 
 
 def measure_parity(model, onnx_dir, cases: list[dict], max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
