@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,10 +330,12 @@ class GenAiVlm:
         text = render_prompt(self.config, prompt, len(images))
         return self.processor(text, images=self.images(images) if images else None)
 
-    def generate(self, inputs, max_new_tokens: int = 256) -> tuple[list[int], float, bool]:
+    def generate(self, inputs, max_new_tokens: int = 256,
+                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], float, bool]:
         """Greedy new tokens (to the end-of-sequence token or the budget), the prompt's unsafe_prob, and whether
         the gate refused (then no tokens). A prompt beyond the context length raises PromptTooLongError; a
-        budget beyond it is cut to fit, with a warning (as in the project's runtime)."""
+        budget beyond it is cut to fit, with a warning (as in the project's runtime). `on_token` sees each new
+        token as it comes (streaming; an exception it raises ends the generation)."""
         import warnings
 
         from sasa_patcher.export.onnx_runtime import PromptTooLongError
@@ -355,9 +358,13 @@ class GenAiVlm:
             return [], unsafe_prob, True
         eos = set(self.config["eos_token_id"])
         tokens = [int(generator.get_next_tokens()[0])]
+        if on_token:
+            on_token(tokens[-1])
         while not generator.is_done() and tokens[-1] not in eos:
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
+            if on_token:
+                on_token(tokens[-1])
         return tokens, unsafe_prob, False
 
     def answer(self, prompt: str, images: list | None = None, max_new_tokens: int = 256) -> str:

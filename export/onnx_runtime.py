@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,8 +211,12 @@ class OnnxVlm:
     # --- generation
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, images: list[np.ndarray],
                  max_new_tokens: int, eos_token_ids=None, pad_token_id: int | None = None,
-                 image_features: np.ndarray | None = None) -> Generation:
+                 image_features: np.ndarray | None = None,
+                 on_token: Callable[[np.ndarray], None] | None = None) -> Generation:
         """Greedy decoding of a left-padded batch; `images` in the order their placeholders appear.
+
+        `on_token` sees each step's [B] chosen tokens as they come (streaming; an exception it raises ends
+        the generation).
 
         `image_features`: the images' vision output computed beforehand (`encode_images`), so the vision
         session can be released first (the parity check); `images` still give the M-RoPE grids.
@@ -249,6 +254,8 @@ class OnnxVlm:
                 chosen = np.where(flagged, refusal[min(step, len(refusal) - 1)], chosen)
             chosen = np.where(finished, pad, chosen).astype(np.int64)
             tokens.append(chosen)
+            if on_token:
+                on_token(chosen)
             finished |= np.isin(chosen, list(eos))
             if finished.all() or step == max_new_tokens - 1:
                 break

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: image {image} does not exist", file=sys.stderr)
             return 2
     try:
-        runtime = _runtime(args)
+        runtime = load_runtime(args.artifact, args.runtime, args.cpu)
         answer = runtime.answer(args.prompt, args.image or None, args.max_new_tokens)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
@@ -65,19 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _runtime(args: argparse.Namespace):
-    """GenAI where asked or possible. auto falls back to the project's runtime when GenAI cannot load the
-    artifact, with a note once that runtime has loaded it (a damaged artifact: one error line, that runtime's)."""
-    onnx_dir = find_onnx_dir(args.artifact)
-    use_genai = args.runtime == "genai" or (args.runtime == "auto" and genai_installed() and has_genai_config(onnx_dir))
-    providers = ["CPUExecutionProvider"] if args.cpu else default_providers()
+def load_runtime(artifact: Path, runtime: str = "auto", cpu: bool = False) -> GenAiVlm | OnnxVlm:
+    """GenAI where asked (`runtime="genai"`) or possible (`"auto"`), else the project's runtime (`"onnxruntime"`).
+    auto falls back to the project's runtime when GenAI cannot load the artifact, with a note once that runtime
+    has loaded it (a damaged artifact: one error line, that runtime's). Shared with `sasa-serve`."""
+    onnx_dir = find_onnx_dir(artifact)
+    use_genai = runtime == "genai" or (runtime == "auto" and genai_installed() and has_genai_config(onnx_dir))
+    providers = ["CPUExecutionProvider"] if cpu else default_providers()
     if not use_genai:
         return OnnxVlm(onnx_dir, providers=providers)
     try:
         return GenAiVlm(onnx_dir)
     except ArtifactError as error:
-        if args.runtime == "genai":
+        if runtime == "genai":
             raise
-        runtime = OnnxVlm(onnx_dir, providers=providers)
+        fallback = OnnxVlm(onnx_dir, providers=providers)
         print(f"note: {error}; using ONNX Runtime", file=sys.stderr)
-        return runtime
+        return fallback
