@@ -102,8 +102,11 @@ def create_app(served: ServedModel, config: ServerConfig) -> Starlette:
                 prepared = served.prepare(chat.text, images)
                 budget = served.budget(prepared.prompt_tokens, chat.max_tokens, config.default_max_tokens)
                 channel.put("prepared", prepared.prompt_tokens)
-                channel.put("done", served.complete(prepared, budget, chat.stop, lambda text: channel.put("text", text),
-                                                    cancelled))
+                outcome = served.complete(prepared, budget, chat.stop, lambda text: channel.put("text", text),
+                                          cancelled)
+                if outcome is None:
+                    metrics.cancel()
+                channel.put("done", outcome)
             except ApiError as error:
                 channel.put("error", error)
             except Exception:  # noqa: BLE001 - any other failure is the server's: a 500, and the worker lives on

@@ -1,6 +1,7 @@
 """Prometheus text exposition of the server's counters (no client library: a handful of series).
 
 Series: `sasa_requests_total{status}`, `sasa_refusals_total` (answers the artifact flagged),
+`sasa_cancelled_total` (generations stopped because their streaming client went away),
 `sasa_queue_depth` and `sasa_running` (gauges), `sasa_time_to_first_token_seconds` and
 `sasa_request_seconds` (histograms), `sasa_generated_tokens_total` and `sasa_decode_seconds_total`
 (their ratio is the decode rate; `sasa_tokens_per_second` is that ratio since start).
@@ -38,6 +39,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: Counter[int] = Counter()
         self.refusals = 0
+        self.cancelled = 0
         self.tokens = 0
         self.decode_seconds = 0.0
         self.ttft = Histogram()
@@ -46,6 +48,10 @@ class Metrics:
     def request(self, status: int) -> None:
         with self._lock:
             self.requests[status] += 1
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled += 1
 
     def answered(self, flagged: bool, tokens: int, decode_seconds: float, ttft: float, latency: float) -> None:
         with self._lock:
@@ -65,6 +71,8 @@ class Metrics:
             series: list[tuple[str, str, str, Callable[[], list[str]]]] = [
                 ("sasa_refusals_total", "counter", "Answers the artifact flagged (finish_reason content_filter).",
                  lambda: [f"sasa_refusals_total {self.refusals}"]),
+                ("sasa_cancelled_total", "counter", "Generations stopped because the client went away.",
+                 lambda: [f"sasa_cancelled_total {self.cancelled}"]),
                 ("sasa_queue_depth", "gauge", "Requests waiting for a worker.",
                  lambda: [f"sasa_queue_depth {queue_depth}"]),
                 ("sasa_running", "gauge", "Requests being generated.", lambda: [f"sasa_running {running}"]),
