@@ -25,10 +25,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
-def current_rss_bytes(field: str = "VmRSS") -> int:
-    """VmRSS, or its parts RssAnon (private memory) and RssFile (mapped file pages, e.g. mmap'd weights)."""
+def current_rss_bytes(field: str = "VmRSS", pid: int | None = None) -> int:
+    """VmRSS, or its parts RssAnon (private memory) and RssFile (mapped file pages, e.g. mmap'd weights), of this
+    process or of process `pid` (a server the serving bench started)."""
+    status = STATUS if pid is None else Path(f"/proc/{pid}/status")
     try:
-        for line in STATUS.read_text().splitlines():
+        for line in status.read_text().splitlines():
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:

@@ -79,3 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {served.name!r} ({served.kind}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(create_app(served, config), host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+if __name__ == "__main__":  # `python -m sasa_patcher.cli.serve`: how the serving bench starts its server
+    sys.exit(main())
