@@ -280,3 +280,49 @@ def test_sigterm_drains_the_requests_in_flight_then_exits(tiny_artifact):
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+def test_the_project_runtime_serves_the_same_answers(tiny_artifact, runtime, client):
+    """Artifacts GenAI cannot load are served by the project's runtime: same greedy answers, same verdicts."""
+    from sasa_patcher.cli.generate_onnx import load_runtime
+    from sasa_patcher.export.onnx_runtime import OnnxVlm
+    from sasa_patcher.serving.runtime import ServedModel
+
+    project = load_runtime(tiny_artifact, "onnxruntime", cpu=True)
+    assert isinstance(project, OnnxVlm)
+    with serving(ServedModel(project, MODEL), config()) as url:
+        other = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert request(url, "/health")[2]["runtime"] == "onnxruntime"
+        for messages in (user(BENIGN), user(BENIGN, [png_url(56, 84, seed=1)]), user(FLAGGED)):
+            ours = other.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS)
+            genai = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=NEW_TOKENS)
+            assert ours.choices[0].message.content == genai.choices[0].message.content
+            assert ours.choices[0].finish_reason == genai.choices[0].finish_reason
+            assert ours.model_extra["sasa"]["flagged"] == genai.model_extra["sasa"]["flagged"]
+            assert ours.model_extra["sasa"]["unsafe_prob"] == pytest.approx(genai.model_extra["sasa"]["unsafe_prob"],
+                                                                             abs=1e-5)
+        assert ours.choices[0].finish_reason == "content_filter"  # the last one: FLAGGED
+
+
+def test_remote_image_urls_are_fetched_when_enabled(served, client, tmp_path):
+    """--allow-remote-images: an http URL (a loopback file server here) gives the answer its data: URL gives."""
+    import functools
+    import http.server
+
+    from serve_helpers import decode_data_url
+
+    url_data = png_url(56, 84, seed=2)
+    decode_data_url(url_data).save(tmp_path / "picture.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        remote = f"http://127.0.0.1:{files.server_address[1]}/picture.png"
+        with serving(served, config(allow_remote_images=True)) as url:
+            fetching = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+            answer = fetching.chat.completions.create(model=MODEL, messages=user(BENIGN, [remote]),
+                                                      max_tokens=NEW_TOKENS)
+        expected = client.chat.completions.create(model=MODEL, messages=user(BENIGN, [url_data]), max_tokens=NEW_TOKENS)
+        assert answer.choices[0].message.content == expected.choices[0].message.content
+    finally:
+        files.shutdown()
