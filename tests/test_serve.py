@@ -84,11 +84,15 @@ def client(server):
 
 
 def greedy(runtime, text: str, images=(), max_new_tokens: int = NEW_TOKENS) -> tuple[str, float, bool]:
-    """The runtime's own answer, verdict and flag for one prompt (no server)."""
+    """The runtime's own greedy tokens for one prompt (no server), decoded with the artifact's tokenizer.json as the
+    server decodes them; its verdict and flag."""
+    from tokenizers import Tokenizer
+
     tokens, unsafe_prob, flagged = runtime.generate(runtime.inputs(text, [decode_data_url(u) for u in images]),
                                                     max_new_tokens)
     eos = set(runtime.config["eos_token_id"])
-    text = runtime.tokenizer.decode([t for t in tokens if t not in eos])
+    tokenizer = Tokenizer.from_file(str(runtime.dir / "tokenizer.json"))
+    text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
     return (runtime.gate.refusal_text if flagged and not tokens else text), unsafe_prob, flagged
 
 
@@ -158,12 +162,12 @@ def test_models_health_and_metrics(client, server):
     assert values["sasa_queue_depth"] == 0 and "sasa_tokens_per_second" in values
 
 
-def test_stop_string_ends_the_answer(client, runtime):
+def test_stop_string_ends_the_answer(client, runtime, served):
     from sasa_patcher.serving.text import TextStream
 
-    tokenizer = runtime.tokenizer
-    ids = [int(t) for t in tokenizer.encode("Describe this image. What is in the picture?")]
-    stream = TextStream(tokenizer.decode, ["image"])
+    tokenizer = served.tokenizer
+    ids = tokenizer.encode("Describe this image. What is in the picture?", add_special_tokens=False).ids
+    stream = TextStream(served.decode, ["image"])
     pieces = [stream.push(token) for token in ids if not stream.stopped]
     assert "".join(pieces) + stream.finish() == stream.text == "Describe this " and stream.stopped
     whole = greedy(runtime, BENIGN, max_new_tokens=40)[0]

@@ -29,6 +29,8 @@ def embedded_artifact(tmp_path_factory):
 
 def alone(runtime, body: dict) -> str:
     """The runtime's greedy answer to one workload request, with no server and no other request."""
+    from tokenizers import Tokenizer
+
     from sasa_patcher.serving.images import ImageLimits, load_image
 
     content = body["messages"][0]["content"]
@@ -40,7 +42,8 @@ def alone(runtime, body: dict) -> str:
     if flagged and not tokens:
         return runtime.gate.refusal_text
     eos = set(runtime.config["eos_token_id"])
-    return runtime.tokenizer.decode([token for token in tokens if token not in eos])
+    tokenizer = Tokenizer.from_file(str(runtime.dir / "tokenizer.json"))  # the artifact's, as the server decodes
+    return tokenizer.decode([token for token in tokens if token not in eos], skip_special_tokens=True)
 
 
 @pytest.mark.slow

@@ -55,6 +55,12 @@ class ServedModel:
         self.refusal_text = config["sasa"]["refusal_text"]
         self.context_length: int | None = runtime.context_length
         self.kind = "onnxruntime-genai" if self.genai else "onnxruntime"
+        from tokenizers import Tokenizer
+
+        # One decoder for both runtimes, the artifact's tokenizer.json: GenAI's own decode differs on byte-level
+        # tokens that are not valid UTF-8 (measured: it drops the rest of the text after one), so the same
+        # tokens would read differently depending on the runtime.
+        self.tokenizer = Tokenizer.from_file(str(runtime.dir / config["tokenizer_file"]))
 
     def prepare(self, text: str, images: list) -> Prepared:
         try:
@@ -82,9 +88,7 @@ class ServedModel:
         return requested
 
     def decode(self, tokens: list[int]) -> str:
-        if self.genai:
-            return self.runtime.tokenizer.decode(tokens)
-        return self.runtime.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def complete(self, prepared: Prepared, max_new_tokens: int, stops: list[str], on_text: Callable[[str], None],
                  cancelled: threading.Event) -> Outcome | None:
