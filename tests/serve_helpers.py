@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -15,11 +14,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from sasa_patcher.evaluation.serve_bench import free_port
 
 
 def wait_healthy(url: str, timeout: float = 60.0) -> None:
