@@ -213,6 +213,15 @@ SOURCE_RULES: dict[str, SourceRule] = {
     ),
     "sasa-lookalike": SourceRule({slug: slug for slug in HAZARDS},
                                  note="benign, written per hazard: the hazard it mirrors"),
+    "chatterbot": SourceRule({}, fallback=EVERYDAY,
+                             note="benign real chat: keyword rules give the hazard a turn looks like, else everyday"),
+    "chitchat": SourceRule({}, fallback=EVERYDAY,
+                           note="benign real chat: keyword rules give the hazard a turn looks like, else everyday"),
+    "donotanswer-advice": SourceRule(
+        {"S002": "specialized_advice", "S002med": "specialized_advice", "S002legal": "specialized_advice",
+         "S002fin": "specialized_advice", "C006emotion": EVERYDAY},
+        note="benign: asking for advice looks like the specialised-advice hazard; emotional chats are everyday"),
+    "images": SourceRule({}, fallback=EVERYDAY, note="benign everyday questions about an image"),
 }
 
 
