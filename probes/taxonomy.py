@@ -221,6 +221,8 @@ SOURCE_RULES: dict[str, SourceRule] = {
         {"S002": "specialized_advice", "S002med": "specialized_advice", "S002legal": "specialized_advice",
          "S002fin": "specialized_advice", "C006emotion": EVERYDAY},
         note="benign: asking for advice looks like the specialised-advice hazard; emotional chats are everyday"),
+    "past-tense": SourceRule({}, fallback="nonviolent_crimes",
+                             note="past-tense reformulations (transfer only): keyword rules, else non-violent crimes"),
     **{source: SourceRule({}, fallback=EVERYDAY, note="benign: everyday questions about an image")
        for source in ("skimage-photos", "mpl-charts", "sasa-text-images")},
 }
