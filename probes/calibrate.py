@@ -280,10 +280,12 @@ def calibrate(
     timings["transfer_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
     fit = fit_probe(cal_candidates[feature], y_cal, cal_groups, cv=choice.cvs[feature], seed=seed)
-    # every prompt scored by a probe that never saw its source; the threshold holds on the calibration split's
+    # every prompt scored by a probe that never saw its source; the threshold is set on the calibration
+    # split's (a source whose removal leaves one class, e.g. the only benign one, keeps its out-of-fold score)
     loso_scores = source_heldout_scores(extracted.candidates[feature], prompts, calibration_mask, C=fit.C, seed=seed)
-    scored_cal = ~np.isnan(loso_scores[cal_index])
-    rule = conservative_threshold(loso_scores[cal_index][scored_cal], y_cal[scored_cal], target_fpr, confidence)
+    unscored = np.isnan(loso_scores[cal_index])
+    rule = conservative_threshold(np.where(unscored, fit.oof_scores, loso_scores[cal_index]), y_cal, target_fpr,
+                                  confidence)
     rows_rule = conservative_threshold(fit.oof_scores, y_cal, target_fpr, confidence)  # for comparison only
     threshold = rule.threshold
     timings["fit_s"] = time.perf_counter() - mark
@@ -362,6 +364,7 @@ def calibrate(
                            "1 - confidence on the calibration split's benign scores, each prompt scored by a probe "
                            "fitted without its source (leave-one-source-out)"},
         "threshold_rows_rule": alternative,
+        "threshold_benign_source_held_out": int((~unscored & (y_cal == 0)).sum()),
         "heldout_by_modality": per_modality,
         "loso_fpr_by_source": loso_rates["fpr_by_source"],
         "loso_tpr_by_source": loso_rates["tpr_by_source"],

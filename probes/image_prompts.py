@@ -223,17 +223,19 @@ def text_images(side: int = DEFAULT_SIDE, cache_dir: Path | None = None) -> list
             for index, (kind, lines) in enumerate(TEXT_IMAGES)]
 
 
-def _side(key: str, heldout_fraction: float) -> bool:
-    return unit_hash(normalise_text(key)) < heldout_fraction
-
-
 def questions_for(image_key: str, pool: Sequence[str], count: int = QUESTIONS_PER_IMAGE,
                   heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> list[str]:
-    """`count` questions for one image, from the pool's questions on the image's side of the split
-    (`probes.splits`), ranked by a hash of (image, question): fixed, and different from image to image."""
-    side = _side(image_key, heldout_fraction)
-    same = [q for q in pool if _side(q, heldout_fraction) == side] or list(pool)
-    return sorted(same, key=lambda q: unit_hash(q, image_key))[:count]
+    """`count` questions for one image from the pool's share on the image's side of the split
+    (`probes.splits`), ranked by a hash of (image, question): fixed, and different from image to image.
+
+    The pool is divided by rank, not by each question's own hash, so that both sides always get questions
+    (a pool of ten has no held-out question by chance 3% of the time).
+    """
+    ranked = sorted(pool, key=lambda q: unit_hash(normalise_text(q), "question-side"))
+    cut = min(len(ranked) - 1, max(1, round(heldout_fraction * len(ranked))))
+    heldout = unit_hash(normalise_text(image_key)) < heldout_fraction
+    side = ranked[:cut] if heldout else ranked[cut:]
+    return sorted(side, key=lambda q: unit_hash(q, image_key))[:count]
 
 
 def benign_image_prompts(side: int = DEFAULT_SIDE, cache_dir: Path | None = None,
