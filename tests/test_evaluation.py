@@ -15,6 +15,7 @@ from PIL import Image
 
 import tiny_models as tm
 from sasa_patcher.cli import evaluate as evaluate_cli
+from sasa_patcher.evaluation.evaluation_report import plot_transfer, transfer_rows
 from sasa_patcher.evaluation.systems import TorchSystem, generate_all, left_pad, until_eos
 from sasa_patcher.evaluation.utility import perplexity, token_kl, token_nll, user_text_mask, utility_metrics
 from sasa_patcher.export.checkpoint import write_safetensors_artifact
@@ -301,3 +302,17 @@ def test_cli_on_the_embedded_model(tmp_path):
     assert set(metrics["same_answer_as_base"]) == {"gate", "augment"} and metrics["same_answer_as_base"]["gate"] == 1.0
     assert metrics["utility"]["gate"]["kl_to_base"] < 1e-6 < metrics["utility"]["augment"]["kl_to_base"]
     assert all(rate == 0.0 for rate in metrics["flagged_rate"]["harmful_text"].values())
+
+
+def test_transfer_chart_reads_the_artifacts_held_out_source_figures(tmp_path):
+    rate = {"rate": 0.25, "low": 0.1, "high": 0.5, "k": 2, "n": 8}
+    metrics = {"loso_fpr_by_source": {"chitchat": rate, "empty": {**rate, "rate": None, "k": 0, "n": 0}},
+               "loso_fpr_by_modality": {"image": rate},
+               "heldout_by_modality": {"harmful_image_by_variant": {"typographic": rate}},
+               "transfer": {"past-tense": {"flagged": rate}}}
+    labels = [label for label, _ in transfer_rows(metrics)]
+    assert labels == ["benign chitchat (held out)", "benign image prompts (held out)", "harmful image, typographic",
+                      "attack: past-tense"]  # empty rates are left out
+    assert plot_transfer({"base": "tiny", "calibration_metrics": metrics}, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_transfer({"base": "tiny", "calibration_metrics": {}}, tmp_path / "none.png")
