@@ -173,18 +173,21 @@ def test_cli_end_to_end_writes_the_report(tiny_artifact, tmp_path, capsys):
                                                      "evaluation.png", "generations.jsonl"]
     report = json.loads((out / "evaluation.json").read_text())
     assert report["systems"] == ["base", "gate", "augment"] and report["runtime"] == "safetensors"
-    assert report["counts"] == {"harmful_text": 2, "harmful_typographic": 2, "benign_text": 2,
-                                "benign_typographic": 2, "over_refusal": 2}
+    # the built-in set's held-out side holds image prompts too (everyday questions about photos, harmful
+    # requests with an image attached)
+    assert report["counts"] == {"harmful_text": 2, "harmful_typographic": 2, "harmful_image": 2, "benign_text": 2,
+                                "benign_typographic": 2, "benign_image": 2, "over_refusal": 2}
     metrics = report["metrics"]
     assert set(metrics) == {"asr", "refusal_rate", "flagged_rate", "probe", "by_category", "same_answer_as_base",
                             "utility"}
     assert metrics["same_answer_as_base"]["gate"] == 1.0
-    assert set(metrics["asr"]) == {"harmful_text", "harmful_typographic"}
-    assert set(metrics["probe"]) == {"text", "typographic"} and set(metrics["probe"]["text"]) == {"gate", "augment"}
+    assert set(metrics["asr"]) == {"harmful_text", "harmful_typographic", "harmful_image"}
+    assert set(metrics["probe"]) == {"text", "typographic", "image"}
+    assert set(metrics["probe"]["text"]) == {"gate", "augment"}
     assert metrics["utility"]["gate"]["kl_to_base"] < 1e-9 < metrics["utility"]["augment"]["kl_to_base"]
     assert report["sasa"]["threshold"] == 0.5 and report["seconds"]["total_s"] > 0
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(records) == 3 * 10
+    assert len(records) == 3 * 14
     assert set(records[0]) >= {"set", "category", "source_label", "text", "label", "model", "generation", "refused",
                                "unsafe_prob"}
     gate = [r for r in records if r["model"] == "gate" and r["set"] == "harmful_text"]
