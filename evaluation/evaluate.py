@@ -123,12 +123,12 @@ def check_same_vocabulary(base: int, patched: int, args: argparse.Namespace) -> 
 def prompts_to_evaluate(args, metrics: dict) -> tuple[list, list, dict]:
     """(harmful and benign held-out prompts, over-refusal prompts, where they came from)."""
     from sasa_patcher.evaluation.held_out import over_refusal_prompts
-    from sasa_patcher.probes.calibration_set import builtin_calibration_set
+    from sasa_patcher.probes.calibration_set import default_calibration_set
     from sasa_patcher.probes.probe import data_digest
     from sasa_patcher.probes.splits import DEFAULT_HELDOUT_FRACTION, split
 
     fraction = metrics.get("heldout_fraction", DEFAULT_HELDOUT_FRACTION)
-    builtin = split(builtin_calibration_set(), fraction)
+    builtin = split(default_calibration_set(), fraction)
     recorded = metrics.get("calibration_digest")
     matches = None if recorded is None else data_digest(builtin.calibration) == recorded
     if matches is False:

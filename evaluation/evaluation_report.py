@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from sasa_patcher.export.atomic import atomic_output_dir
+from sasa_patcher.export.card_figures import traffic_section
 from sasa_patcher.jsonl import write_jsonl
 from sasa_patcher.tables import format_metric, markdown_table
 
@@ -62,6 +63,9 @@ def markdown(report: dict) -> str:
                   "Harmful prompts by hazard (flagged = TPR), benign prompts by the family they look like, the "
                   "over-refusal set included (flagged = FPR); the probe at the artifact's threshold, refusals per "
                   "system.", "", *markdown_table(category_rows(report, modality)), ""]
+    traffic = traffic_section(report.get("calibration_metrics") or {}, set())
+    if traffic:
+        lines += ["#### Real traffic and transfer (the artifact's calibration figures)", "", *traffic]
     return "\n".join(lines)
 
 
@@ -152,12 +156,54 @@ def plot_categories(report: dict, path: Path, modality: str = "text") -> bool:
     return True
 
 
+def transfer_rows(metrics: dict) -> list[tuple[str, dict]]:
+    """(label, rate record) for the transfer chart: each benign source's refusal rate when held out of the fit,
+    the same pooled per modality, harmful image prompts by kind, and each never-fitted attack family."""
+    rows = [(f"benign {name} (held out)", value) for name, value in (metrics.get("loso_fpr_by_source") or {}).items()]
+    rows += [(f"benign {name} prompts (held out)", value)
+             for name, value in (metrics.get("loso_fpr_by_modality") or {}).items()]
+    variants = (metrics.get("heldout_by_modality") or {}).get("harmful_image_by_variant") or {}
+    rows += [(f"harmful image, {name}", value) for name, value in variants.items()]
+    rows += [(f"attack: {name}", value["flagged"]) for name, value in (metrics.get("transfer") or {}).items()]
+    return [(label, value) for label, value in rows if value and value.get("rate") is not None]
+
+
+def plot_transfer(report: dict, path: Path) -> bool:
+    """Horizontal bars with their Wilson intervals: the rates of `transfer_rows` at the artifact's threshold.
+    False (nothing written) when the artifact's metrics hold none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = transfer_rows(report.get("calibration_metrics") or {})
+    if not rows:
+        return False
+    rates = [value["rate"] for _, value in rows]
+    errors = [[rate - (value["low"] or rate) for rate, (_, value) in zip(rates, rows, strict=True)],
+              [(value["high"] or rate) - rate for rate, (_, value) in zip(rates, rows, strict=True)]]
+    colours = ["tab:red" if label.startswith("benign") else "tab:green" for label, _ in rows]
+    figure, axis = plt.subplots(figsize=(8.0, 1.2 + 0.3 * len(rows)), constrained_layout=True)
+    axis.barh(range(len(rows)), rates, xerr=errors, color=colours, capsize=2)
+    axis.set_yticks(range(len(rows)), [f"{label} ({value['k']}/{value['n']})" for label, value in rows], fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1.05)
+    axis.set_xlabel("flagged at the artifact's threshold (red: benign, should be low; green: harmful, should be high)")
+    axis.set_title(f"Real traffic and transfer: {report['base']}", fontsize=10)
+    axis.grid(axis="x", alpha=0.3)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
 def write_report(report: dict, records: list[dict], out: Path, force: bool) -> None:
-    """evaluation.json, evaluation.md, evaluation.png, categories.png (when the prompts carry categories) and
-    generations.jsonl, moved into place together."""
+    """evaluation.json, evaluation.md, evaluation.png, categories.png (when the prompts carry categories),
+    transfer.png (when the artifact's metrics hold transfer figures) and generations.jsonl, moved into place
+    together."""
     with atomic_output_dir(out, force) as staging:
         (staging / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (staging / "evaluation.md").write_text(markdown(report), encoding="utf-8")
         plot(report, staging / "evaluation.png")
         plot_categories(report, staging / "categories.png")
+        plot_transfer(report, staging / "transfer.png")
         write_jsonl(staging / "generations.jsonl", records)

@@ -16,6 +16,11 @@ computes figures: `export/` does not reach back into calibration.
     per_category_tpr, per_family_fpr     {category: {rate, low, high, k, n}}: the per-hazard table and bar chart
     loco_auroc, candidates, policy       leave-one-category-out AUROC, every feature's CV / LOCO / LOSO AUROC,
     tpr_interval, fpr_interval           the deployment policy, Wilson intervals of the held-out rates
+    heldout_by_modality                  {text|image: {auroc, tpr, fpr}, harmful_image_by_variant: {variant: rate}}
+    loso_fpr_by_source, loso_tpr_by_source, loso_fpr_by_modality, loso_tpr_by_modality
+                                         {name: rate}: each source scored by a probe fitted without it
+    transfer                             {attack family: {flagged, flagged_at_rows_threshold}}: never fitted
+    threshold_rows_rule                  the out-of-fold-rows threshold and its figures, for comparison
 
 Any other scalar entry is listed verbatim, any other {name: value} entry as its own table. With no held-out AUROC and no
 finite threshold the card says "untrained probe".
@@ -123,6 +128,7 @@ def calibration_section(sasa: dict[str, Any], calibration_data: Sequence[str] = 
         lines += ["Held-out figures (prompts never used for fitting, layer choice or threshold):", ""]
         lines += _table(held_out, ("figure", "value"))
     lines += hazard_section(metrics, used)
+    lines += traffic_section(metrics, used)
     calibration = rows_for(CALIBRATION_ROWS)
     if calibration:
         lines += ["Calibration split:", ""] + _table(calibration, ("figure", "value"))
@@ -169,8 +175,9 @@ def hazard_section(metrics: dict[str, Any], used: set[str]) -> list[str]:
     rule = metrics.get("threshold_rule") or {}
     if rule:
         lines.append(f"Threshold rule: the true FPR is <= {format_number(rule.get('target_fpr'))} with probability "
-                     f">= {format_number(rule.get('confidence'))} on out-of-fold calibration scores "
-                     f"({rule.get('allowed')} of {rule.get('n_benign')} benign scores above it)"
+                     f">= {format_number(rule.get('confidence'))} "
+                     f"({rule.get('rule', 'on out-of-fold calibration scores')}; "
+                     f"{rule.get('allowed')} of {rule.get('n_benign')} benign scores above it)"
                      + ("" if rule.get("guaranteed", True) else "; too few benign prompts for that guarantee"))
     policy = metrics.get("policy") or {}
     if policy:
@@ -202,4 +209,53 @@ def hazard_section(metrics: dict[str, Any], used: set[str]) -> list[str]:
         lines += [f"Probe-feature candidates (chosen by {metrics.get('features_chosen_by', 'the user')}):", "",
                   *markdown_table(rows), ""]
         used.update(("candidates_cv_auroc", "features_chosen_by"))
+    return lines
+
+
+def traffic_section(metrics: dict[str, Any], used: set[str]) -> list[str]:
+    """What real traffic meets: held-out rates per modality and per kind of harmful image prompt, every source's
+    rate when it is held out of the fit (with a chart), the never-fitted attack families, and the figures the
+    out-of-fold-rows threshold would have given."""
+    keys = ("heldout_by_modality", "loso_fpr_by_source", "loso_tpr_by_source", "loso_fpr_by_modality",
+            "loso_tpr_by_modality", "transfer", "threshold_rows_rule")
+    used.update(keys)
+    lines: list[str] = []
+    by_modality = metrics.get("heldout_by_modality") or {}
+    if by_modality:
+        rows = [["modality", "held-out AUROC", "TPR (k/n) [interval]", "FPR (k/n) [interval]",
+                 "leave-one-source-out FPR", "leave-one-source-out TPR"]]
+        for kind in ("text", "image"):
+            figures = by_modality.get(kind) or {}
+            auroc = figures.get("auroc")
+            rows.append([kind, "-" if auroc is None else format_number(auroc), _rate(figures.get("tpr")),
+                         _rate(figures.get("fpr")), _rate((metrics.get("loso_fpr_by_modality") or {}).get(kind)),
+                         _rate((metrics.get("loso_tpr_by_modality") or {}).get(kind))])
+        lines += ["Per modality, at the shipped threshold:", "", *markdown_table(rows), ""]
+        variants = by_modality.get("harmful_image_by_variant") or {}
+        if variants:
+            lines += ["Held-out harmful image prompts flagged, by kind (`with-image`: the request is in the text, "
+                      "the image unrelated; `typographic`: the request is only in the image, which the embedded "
+                      "model's seeded vision tower cannot read):", "",
+                      *markdown_table([["kind", "flagged (k/n) [interval]"],
+                                       *([name, _rate(value)] for name, value in variants.items())]), ""]
+    for key, title in (("loso_fpr_by_source", "Benign sources held out of the fit: share refused at the shipped "
+                                              "threshold (the source's prompts scored by a probe fitted without it)"),
+                       ("loso_tpr_by_source", "Harmful sources held out of the fit: share flagged")):
+        table = metrics.get(key) or {}
+        if table:
+            rows = [["source", "rate (k/n) [interval]", "chart"]]
+            rows += [[name, _rate(value), _bar((value or {}).get("rate"))] for name, value in table.items()]
+            lines += [f"{title}:", "", *markdown_table(rows), ""]
+    transfer = metrics.get("transfer") or {}
+    if transfer:
+        rows = [["attack family (never fitted)", "flagged at the shipped threshold", "flagged at the rows threshold"]]
+        rows += [[name, _rate(value.get("flagged")), _rate(value.get("flagged_at_rows_threshold"))]
+                 for name, value in transfer.items()]
+        lines += ["Transfer to a published reformulation attack:", "", *markdown_table(rows), ""]
+    alternative = metrics.get("threshold_rows_rule") or {}
+    if alternative:
+        lines += [f"Not shipped, for comparison: the same bound on out-of-fold rows of the fitted sources gives "
+                  f"threshold {format_number(alternative.get('threshold'))}, held-out TPR "
+                  f"{format_number(alternative.get('heldout_tpr'))} at FPR "
+                  f"{format_number(alternative.get('heldout_fpr'))}.", ""]
     return lines

@@ -179,9 +179,9 @@ def calibration_prompts(options: PatchOptions) -> list | None:
     if options.calibration == "none":
         return None
     if options.calibration == "builtin":
-        from sasa_patcher.probes.calibration_set import builtin_calibration_set
+        from sasa_patcher.probes.calibration_set import default_calibration_set
 
-        return builtin_calibration_set()
+        return default_calibration_set()
     from sasa_patcher.probes.manifest import load_manifest
 
     return load_manifest(Path(options.calibration))
@@ -290,10 +290,15 @@ def calibrate_stage(options: PatchOptions, result: PatchResult, prompts: list | 
 
     log(f"calibrating on {len(prompts)} prompts ({options.calibration})")
     layers = "auto" if options.layers == "auto" else parse_layers(options.layers)
+    transfer_sets = None
+    if options.calibration == "builtin" and options.calibration_prompts is None:
+        from sasa_patcher.probes.reformulation import PAST_TENSE_SOURCE, load_past_tense
+
+        transfer_sets = {PAST_TENSE_SOURCE: load_past_tense()}  # never fitted: a transfer figure
     report = calibrate(result.model, result.processor, prompts, layers=layers, features=options.probe_features,
                        target_fpr=options.target_fpr, batch_size=options.batch_size, plot_dir=staging,
                        policy=parse_policy(options.policy), pairs="auto" if options.semantic_pairs else None,
-                       max_pairs=options.semantic_pairs, log=log)
+                       max_pairs=options.semantic_pairs, log=log, transfer_sets=transfer_sets)
     clock.done("calibrate")
     result.calibration = report
     timings = report.timings  # forward passes (features, projected continuation, localisation), then fitting
@@ -368,6 +373,12 @@ def card_info(options: PatchOptions, plot: Path | None):
     )
 
 
+def _rate(value: dict) -> str:
+    """"0.93 (37/40)" from a `rate_with_interval` record ("n/a (0/0)" when empty)."""
+    rate = "n/a" if value.get("rate") is None else f"{value['rate']:.2f}"
+    return f"{rate} ({value['k']}/{value['n']})"
+
+
 def calibration_lines(report) -> list[str]:
     """The calibration figures a user reads on the console: layers, probe choice, held-out and per-source AUROC."""
     held, metrics = report.heldout, report.metrics
@@ -399,6 +410,19 @@ def calibration_lines(report) -> list[str]:
         lines.append(f"leave-one-category-out AUROC: mean {format_metric(metrics.get('loco_mean_auroc'))}; per hazard: "
                      + ", ".join(f"{name} {value:.3f}" for name, value in metrics["loco_auroc"].items()
                                  if value is not None))
+    for kind, figures in (metrics.get("heldout_by_modality") or {}).items():
+        if kind in ("text", "image"):
+            lines.append(f"held-out {kind} prompts: AUROC {format_metric(figures['auroc'])}, "
+                         f"TPR {_rate(figures['tpr'])}, FPR {_rate(figures['fpr'])}")
+    for variant, value in ((metrics.get("heldout_by_modality") or {}).get("harmful_image_by_variant") or {}).items():
+        lines.append(f"  held-out harmful image prompts, {variant}: flagged {_rate(value)}")
+    if metrics.get("loso_fpr_by_source"):
+        lines.append("leave-one-source-out FPR at the threshold: "
+                     + ", ".join(f"{name} {_rate(value)}" for name, value in metrics["loso_fpr_by_source"].items())
+                     + "; per modality: " + ", ".join(f"{name} {_rate(value)}" for name, value
+                                                      in metrics["loso_fpr_by_modality"].items()))
+    for name, value in (metrics.get("transfer") or {}).items():
+        lines.append(f"transfer, {name} (never fitted): flagged {_rate(value['flagged'])}")
     if metrics.get("loso_auroc"):
         lines.append(f"leave-one-source-out AUROC: mean {format_metric(metrics.get('loso_mean_auroc'))}, "
                      f"min {format_metric(metrics.get('loso_min_auroc'))}; per source: "

@@ -50,7 +50,15 @@ from sasa_patcher.probes.probe import (
 from sasa_patcher.probes.splits import DEFAULT_HELDOUT_FRACTION, group_key, is_heldout
 from sasa_patcher.probes.taxonomy import Policy, apply_policy
 from sasa_patcher.probes.thresholds import DEFAULT_CONFIDENCE, conservative_threshold, rate_with_interval
-from sasa_patcher.probes.transfer import choose_by_transfer, per_category_rates, transfer_figures
+from sasa_patcher.probes.transfer import (
+    choose_by_transfer,
+    modality,
+    modality_rates,
+    per_category_rates,
+    source_heldout_rates,
+    source_heldout_scores,
+    transfer_figures,
+)
 
 
 @dataclass
@@ -190,6 +198,7 @@ def calibrate(
     probe_layers: Sequence[int] | None = None,
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    transfer_sets: dict[str, Sequence] | None = None,
 ) -> CalibrationReport:
     """Calibrate the SASA-patched `model` on `prompts` and write the probe into it.
 
@@ -197,7 +206,9 @@ def calibrate(
     features: "auto" (the highest transfer AUROC among `PROBE_FEATURES`: the mean of leave-one-category-out
               and leave-one-source-out AUROC, `probes.transfer`) or one of them.
     target_fpr: false-positive rate the threshold is set for: the true FPR is <= target with probability
-              `confidence`, judged on the calibration split's out-of-fold scores (`probes.thresholds`).
+              `confidence`, judged on the calibration split's benign prompts each scored by a probe fitted
+              without its source (`probes.transfer.source_heldout_scores`, `probes.thresholds`): the rate
+              is meant to hold on sources outside the fit, not only on new rows of the fitted ones.
     policy:   which hazards count as harmful (default all); harmful prompts of other hazards are relabelled
               benign before anything is fitted, and the policy is recorded in the metrics.
     probe_layers: the layers of the multi-layer candidate (default `default_probe_layers`).
@@ -205,6 +216,8 @@ def calibrate(
               curves are then not computed at all).
     pairs:    image/text pairs for the semantic curve ("auto": up to `max_pairs` typographic
               renderings of calibration prompts, None: no semantic curve).
+    transfer_sets: name -> prompts never fitted on (e.g. a published reformulation attack): scored with
+              the final probe, their flag rate at the threshold goes into the metrics as a transfer figure.
     cache_dir: where the localised run keeps its per-batch features until it has finished (default: the
               user cache; a stopped run resumes from them). `log` hears time estimates and cache use.
     """
@@ -267,7 +280,13 @@ def calibrate(
     timings["transfer_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
     fit = fit_probe(cal_candidates[feature], y_cal, cal_groups, cv=choice.cvs[feature], seed=seed)
-    rule = conservative_threshold(fit.oof_scores, y_cal, target_fpr, confidence)
+    # every prompt scored by a probe that never saw its source; the threshold is set on the calibration
+    # split's (a source whose removal leaves one class, e.g. the only benign one, keeps its out-of-fold score)
+    loso_scores = source_heldout_scores(extracted.candidates[feature], prompts, calibration_mask, C=fit.C, seed=seed)
+    unscored = np.isnan(loso_scores[cal_index])
+    rule = conservative_threshold(np.where(unscored, fit.oof_scores, loso_scores[cal_index]), y_cal, target_fpr,
+                                  confidence)
+    rows_rule = conservative_threshold(fit.oof_scores, y_cal, target_fpr, confidence)  # for comparison only
     threshold = rule.threshold
     timings["fit_s"] = time.perf_counter() - mark
 
@@ -286,6 +305,32 @@ def calibrate(
     calibration = {
         "out_of_fold": operating_point(fit.oof_scores, y_cal, threshold),
         "in_sample": operating_point(all_scores[cal_index], y_cal, threshold),
+    }
+    per_modality = modality_rates(all_scores[held_index], held_prompts, threshold, confidence)
+    loso_rates = source_heldout_rates(loso_scores, prompts, threshold, confidence)
+    transfer_rates = {}
+    mark = time.perf_counter()
+    for name, transfer_prompts in (transfer_sets or {}).items():
+        transfer_x = extract_features(model, processor, list(transfer_prompts), batch_size=batch_size,
+                                      candidates=(feature,), layer_states=False, progress=progress,
+                                      description=f"transfer: {name}", log=log, clock=clock).candidates[feature]
+        transfer_labels = np.asarray([int(p.label) for p in transfer_prompts])
+        transfer_scores = graph_scores(model, transfer_x)
+        transfer_rates[name] = {
+            "flagged": rate_with_interval(transfer_scores[transfer_labels == 1] > threshold, confidence),
+            "flagged_at_rows_threshold": rate_with_interval(transfer_scores[transfer_labels == 1]
+                                                            > rows_rule.threshold, confidence),
+        }
+    timings["transfer_sets_s"] = time.perf_counter() - mark
+    held_flag_rows = all_scores[held_index] > rows_rule.threshold
+    alternative = {
+        "rule": "the same bound on out-of-fold scores of rows of the fitted sources (not shipped)",
+        "threshold": rows_rule.threshold,
+        "heldout_tpr": float(held_flag_rows[y_held == 1].mean()),
+        "heldout_fpr": float(held_flag_rows[y_held == 0].mean()),
+        "heldout_image": modality_rates(all_scores[held_index], held_prompts, rows_rule.threshold, confidence)["image"],
+        "loso_fpr_by_source": source_heldout_rates(loso_scores, prompts, rows_rule.threshold,
+                                                   confidence)["fpr_by_source"],
     }
 
     # 6. the chosen feature's leave-one-out figures, digest
@@ -316,7 +361,18 @@ def calibrate(
         "probe_layers": list(probe_layers) if feature == "multi-layer" else None,
         "policy": policy.to_dict(),
         "threshold_rule": {**rule.to_dict(), "rule": "largest k with P(Binomial(n_benign, target) <= k) <= "
-                           "1 - confidence on out-of-fold calibration scores"},
+                           "1 - confidence on the calibration split's benign scores, each prompt scored by a probe "
+                           "fitted without its source (leave-one-source-out)"},
+        "threshold_rows_rule": alternative,
+        "threshold_benign_source_held_out": int((~unscored & (y_cal == 0)).sum()),
+        "heldout_by_modality": per_modality,
+        "loso_fpr_by_source": loso_rates["fpr_by_source"],
+        "loso_tpr_by_source": loso_rates["tpr_by_source"],
+        "loso_fpr_by_modality": loso_rates["fpr_by_modality"],
+        "loso_tpr_by_modality": loso_rates["tpr_by_modality"],
+        "transfer": transfer_rates,
+        "n_calibration_image": int(sum(modality(prompts[i]) == "image" for i in cal_index)),
+        "n_heldout_image": int(sum(modality(prompts[i]) == "image" for i in held_index)),
         "tpr_interval": [heldout["tpr_interval"]["low"], heldout["tpr_interval"]["high"]],
         "fpr_interval": [heldout["fpr_interval"]["low"], heldout["fpr_interval"]["high"]],
         "interval_confidence": confidence,
@@ -347,6 +403,7 @@ def calibrate(
             "source": p.source,
             "split": "heldout" if heldout_mask[i] else "calibration",
             "category": getattr(p, "category", None),
+            "modality": modality(p),
             "image_sha256": image_sha256(getattr(p, "image", None)),
             "score": float(all_scores[i]),
         }

@@ -157,3 +157,48 @@ def format_summary(summary: dict[str, object]) -> str:
         assert isinstance(counts, dict)
         lines.extend(f"  {_cell_name(cell):<40} {count}" for cell, count in counts.items())
     return "\n".join(lines)
+
+
+# --- the default set: the balanced core plus real traffic and image prompts ---------------------------
+
+
+def _first_by_source(prompts: Iterable[Prompt], count: int) -> list[Prompt]:
+    """Up to `count` prompts in stable hash order (a fixed, content-keyed sample)."""
+    return sorted(prompts, key=lambda p: _stable_rank(p.text))[:count]
+
+
+def default_calibration_set(per_cell: int = 200, chatterbot: int = 200, chitchat: int = 150,
+                            with_image: int = 60, typographic: int = 40) -> list[Prompt]:
+    """What `--calibration builtin` calibrates on: the form- and label-balanced core
+    (`builtin_calibration_set`), plus real benign user requests (`probes.benign_data`: ChatterBot and
+    Chit-Chat samples of the given sizes, all of Do-Not-Answer's advice items), everyday questions about
+    real images (`probes.image_prompts`), and harmful requests of the core carried with an image: `with_image`
+    with an unrelated photo or chart (intent in the text) and `typographic` as FigStep-style images.
+
+    Why this shape: the core keeps look-alikes and over-refusal probes balanced by form; the real traffic
+    is what a deployment sees and must not refuse; the image prompts put the same images on both sides so
+    that only intent separates them. The harmful image prompts keep their text version's split side
+    (`origin`), and a prompt carries an image in at most one way. Deterministic.
+    """
+    from sasa_patcher.probes import benign_data, image_prompts
+    from sasa_patcher.probes import typographic as typographic_module
+
+    core = builtin_calibration_set(per_cell)
+    seen = {normalise_text(p.text) for p in core}
+    traffic = []
+    for prompts, count in ((benign_data.load_chatterbot(), chatterbot), (benign_data.load_chitchat(), chitchat),
+                           (benign_data.load_donotanswer_advice(), None)):
+        fresh = [p for p in prompts if normalise_text(p.text) not in seen]
+        traffic.extend(fresh if count is None else _first_by_source(fresh, count))
+    harmful = _round_robin(p for p in core if p.label == HARMFUL and not p.augmented)
+    if len(harmful) < with_image + typographic:
+        raise ValueError(f"only {len(harmful)} real harmful prompts for {with_image + typographic} image prompts")
+    result = [
+        *core,
+        *traffic,
+        *image_prompts.benign_image_prompts(),
+        *image_prompts.with_unrelated_image(harmful[:with_image]),
+        *typographic_module.typographic_variants(harmful[with_image:with_image + typographic]),
+    ]
+    log.info("default calibration set:\n%s", format_summary(summarize(result)))
+    return result

@@ -213,6 +213,18 @@ SOURCE_RULES: dict[str, SourceRule] = {
     ),
     "sasa-lookalike": SourceRule({slug: slug for slug in HAZARDS},
                                  note="benign, written per hazard: the hazard it mirrors"),
+    "chatterbot": SourceRule({}, fallback=EVERYDAY,
+                             note="benign real chat: keyword rules give the hazard a turn looks like, else everyday"),
+    "chitchat": SourceRule({}, fallback=EVERYDAY,
+                           note="benign real chat: keyword rules give the hazard a turn looks like, else everyday"),
+    "donotanswer-advice": SourceRule(
+        {"S002": "specialized_advice", "S002med": "specialized_advice", "S002legal": "specialized_advice",
+         "S002fin": "specialized_advice", "C006emotion": EVERYDAY},
+        note="benign: asking for advice looks like the specialised-advice hazard; emotional chats are everyday"),
+    "past-tense": SourceRule({}, fallback="nonviolent_crimes",
+                             note="past-tense reformulations (transfer only): keyword rules, else non-violent crimes"),
+    **{source: SourceRule({}, fallback=EVERYDAY, note="benign: everyday questions about an image")
+       for source in ("skimage-photos", "mpl-charts", "sasa-text-images")},
 }
 
 

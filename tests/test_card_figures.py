@@ -43,3 +43,24 @@ def test_per_hazard_table_chart_policy_and_candidates():
     assert "not counted as harmful (relabelled benign): sexual_content" in text
     assert "Held-out TPR 95% interval (Wilson): [0.850, 0.930]" in text
     assert "{'rate'" not in text  # no dict dumped verbatim
+
+
+def test_traffic_figures_per_modality_per_held_out_source_and_transfer():
+    rate = {"rate": 0.25, "low": 0.1, "high": 0.5, "k": 2, "n": 8}
+    metrics = {
+        **CALIBRATED_METRICS,
+        "heldout_by_modality": {"text": {"auroc": 0.9, "tpr": rate, "fpr": rate},
+                                "image": {"auroc": None, "tpr": rate, "fpr": {**rate, "rate": 0.0, "k": 0}},
+                                "harmful_image_by_variant": {"typographic": {**rate, "rate": 0.125, "k": 1}}},
+        "loso_fpr_by_source": {"chitchat": {**rate, "rate": 0.5, "k": 4}},
+        "loso_fpr_by_modality": {"text": rate, "image": rate},
+        "transfer": {"past-tense": {"flagged": {**rate, "rate": 0.75, "k": 6}, "flagged_at_rows_threshold": rate}},
+        "threshold_rows_rule": {"threshold": 0.6, "heldout_tpr": 0.8, "heldout_fpr": 0.04},
+    }
+    text = "\n".join(calibration_section({"threshold": 0.7, "metrics": metrics}))
+    assert "| image | - | 0.25 (2/8) [0.10, 0.50] | 0.00 (0/8) [0.10, 0.50] | 0.25 (2/8) [0.10, 0.50] | - |" in text
+    assert "| typographic | 0.12 (1/8) [0.10, 0.50] |" in text
+    assert "| chitchat | 0.50 (4/8) [0.10, 0.50] | █████░░░░░ |" in text
+    assert "| past-tense | 0.75 (6/8) [0.10, 0.50] | 0.25 (2/8) [0.10, 0.50] |" in text
+    assert "threshold 0.6, held-out TPR 0.8 at FPR 0.04" in text
+    assert "heldout_by_modality" not in text  # shown as tables, never dumped verbatim

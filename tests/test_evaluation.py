@@ -15,6 +15,7 @@ from PIL import Image
 
 import tiny_models as tm
 from sasa_patcher.cli import evaluate as evaluate_cli
+from sasa_patcher.evaluation.evaluation_report import plot_transfer, transfer_rows
 from sasa_patcher.evaluation.systems import TorchSystem, generate_all, left_pad, until_eos
 from sasa_patcher.evaluation.utility import perplexity, token_kl, token_nll, user_text_mask, utility_metrics
 from sasa_patcher.export.checkpoint import write_safetensors_artifact
@@ -172,18 +173,21 @@ def test_cli_end_to_end_writes_the_report(tiny_artifact, tmp_path, capsys):
                                                      "evaluation.png", "generations.jsonl"]
     report = json.loads((out / "evaluation.json").read_text())
     assert report["systems"] == ["base", "gate", "augment"] and report["runtime"] == "safetensors"
-    assert report["counts"] == {"harmful_text": 2, "harmful_typographic": 2, "benign_text": 2,
-                                "benign_typographic": 2, "over_refusal": 2}
+    # the built-in set's held-out side holds image prompts too (everyday questions about photos, harmful
+    # requests with an image attached)
+    assert report["counts"] == {"harmful_text": 2, "harmful_typographic": 2, "harmful_image": 2, "benign_text": 2,
+                                "benign_typographic": 2, "benign_image": 2, "over_refusal": 2}
     metrics = report["metrics"]
     assert set(metrics) == {"asr", "refusal_rate", "flagged_rate", "probe", "by_category", "same_answer_as_base",
                             "utility"}
     assert metrics["same_answer_as_base"]["gate"] == 1.0
-    assert set(metrics["asr"]) == {"harmful_text", "harmful_typographic"}
-    assert set(metrics["probe"]) == {"text", "typographic"} and set(metrics["probe"]["text"]) == {"gate", "augment"}
+    assert set(metrics["asr"]) == {"harmful_text", "harmful_typographic", "harmful_image"}
+    assert set(metrics["probe"]) == {"text", "typographic", "image"}
+    assert set(metrics["probe"]["text"]) == {"gate", "augment"}
     assert metrics["utility"]["gate"]["kl_to_base"] < 1e-9 < metrics["utility"]["augment"]["kl_to_base"]
     assert report["sasa"]["threshold"] == 0.5 and report["seconds"]["total_s"] > 0
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(records) == 3 * 10
+    assert len(records) == 3 * 14
     assert set(records[0]) >= {"set", "category", "source_label", "text", "label", "model", "generation", "refused",
                                "unsafe_prob"}
     gate = [r for r in records if r["model"] == "gate" and r["set"] == "harmful_text"]
@@ -301,3 +305,17 @@ def test_cli_on_the_embedded_model(tmp_path):
     assert set(metrics["same_answer_as_base"]) == {"gate", "augment"} and metrics["same_answer_as_base"]["gate"] == 1.0
     assert metrics["utility"]["gate"]["kl_to_base"] < 1e-6 < metrics["utility"]["augment"]["kl_to_base"]
     assert all(rate == 0.0 for rate in metrics["flagged_rate"]["harmful_text"].values())
+
+
+def test_transfer_chart_reads_the_artifacts_held_out_source_figures(tmp_path):
+    rate = {"rate": 0.25, "low": 0.1, "high": 0.5, "k": 2, "n": 8}
+    metrics = {"loso_fpr_by_source": {"chitchat": rate, "empty": {**rate, "rate": None, "k": 0, "n": 0}},
+               "loso_fpr_by_modality": {"image": rate},
+               "heldout_by_modality": {"harmful_image_by_variant": {"typographic": rate}},
+               "transfer": {"past-tense": {"flagged": rate}}}
+    labels = [label for label, _ in transfer_rows(metrics)]
+    assert labels == ["benign chitchat (held out)", "benign image prompts (held out)", "harmful image, typographic",
+                      "attack: past-tense"]  # empty rates are left out
+    assert plot_transfer({"base": "tiny", "calibration_metrics": metrics}, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_transfer({"base": "tiny", "calibration_metrics": {}}, tmp_path / "none.png")

