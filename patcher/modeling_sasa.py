@@ -38,7 +38,6 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 from transformers.utils import ModelOutput
 
 PROJECTION_MODES = ("replace", "residual", "interpolate")
@@ -305,7 +304,8 @@ class SasaMixin:
         return text_model.rotary_emb(inputs_embeds, rope_pos)
 
     # ----- the two passes -------------------------------------------------------------------
-    def _masks(self, text_model, inputs_embeds, attention_mask, cache, text_pos) -> dict:
+    def _masks(self, text_model, inputs_embeds, attention_mask, cache, text_pos, **overlay) -> dict:
+        """The causal (and sliding-window) masks; `overlay`: extra mask arguments (Gemma 3's image blocks)."""
         if isinstance(attention_mask, dict):
             return attention_mask
         kwargs = dict(
@@ -314,6 +314,7 @@ class SasaMixin:
             attention_mask=attention_mask,
             position_ids=text_pos,
             **{CACHE_KEY: cache},
+            **overlay,
         )
         masks = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in self._layer_types(text_model):
@@ -686,9 +687,13 @@ class SasaGemma3ForConditionalGeneration(SasaMixin, Gemma3ForConditionalGenerati
     _sasa_architecture = "gemma3"
 
     def init_sasa(self, settings: SasaSettings) -> None:
-        if self.config.get_text_config().final_logit_softcapping is not None:
+        text = self.config.get_text_config()
+        if text.final_logit_softcapping is not None:
             raise ValueError("Gemma 3 with final_logit_softcapping is not supported: the patched streams read the "
                              "logits through lm_head alone (no published Gemma 3 checkpoint sets it)")
+        if self.config.mm_tokens_per_image > text.sliding_window:
+            raise ValueError(f"an image of {self.config.mm_tokens_per_image} tokens exceeds the sliding window "
+                             f"({text.sliding_window}): the sliding layers' image-block mask assumes it fits")
         super().init_sasa(settings)
 
     def sasa_input_embeddings(self, input_ids, inputs_embeds, multimodal: dict) -> torch.Tensor:
@@ -712,18 +717,24 @@ class SasaGemma3ForConditionalGeneration(SasaMixin, Gemma3ForConditionalGenerati
         return position_ids, position_ids
 
     def sasa_masks(self, text_model, inputs_embeds, attention_mask, cache, text_pos, multimodal: dict) -> dict:
-        """With `token_type_ids` ([B, chunk], 1 = image token): causal OR same-image block, as Gemma 3 masks."""
+        """With `token_type_ids` ([B, chunk], 1 = image token): causal OR same-image block, as Gemma 3 masks.
+
+        The sliding layers get OR(sliding causal, block), index-based (traceable; the base model's AND(window,
+        OR(causal, block)) goes through vmap, which torch.export cannot trace inside the probe's branch):
+        the same mask while an image's tokens fit the window (256 <= 1024 in every Gemma 3; checked at init).
+        """
         token_types = multimodal.get("token_type_ids")
-        if token_types is None or isinstance(attention_mask, dict):
+        if token_types is None:
             return super().sasa_masks(text_model, inputs_embeds, attention_mask, cache, text_pos, multimodal)
-        past = (attention_mask.shape[-1] - inputs_embeds.shape[1] if attention_mask is not None
-                else cache.get_seq_length() if cache is not None else 0)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            past = attention_mask.shape[-1] - inputs_embeds.shape[1]
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
         # Block ids index absolute positions: the chunk's token types sit after the past.
-        types = F.pad(token_types.to(inputs_embeds.device).long(), (past, 0))
-        blocks = get_block_sequence_ids_for_mask(types, device=inputs_embeds.device)
-        return create_masks_for_vision_model(config=text_model.config, inputs_embeds=inputs_embeds,
-                                             attention_mask=attention_mask, cache=cache, position_ids=text_pos,
-                                             block_sequence_ids=blocks)
+        is_image = F.pad(token_types.to(inputs_embeds.device) == 1, (past, 0))
+        starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
+        blocks = torch.where(is_image, torch.cumsum(starts.long(), -1) - 1, -1)
+        return self._masks(text_model, inputs_embeds, attention_mask, cache, text_pos, block_sequence_ids=blocks)
 
     def sasa_rotary(self, text_model, inputs_embeds, rope_pos) -> dict:
         return {kind: text_model.rotary_emb(inputs_embeds, rope_pos, kind) for kind in dict.fromkeys(

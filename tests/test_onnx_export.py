@@ -20,12 +20,14 @@ from sasa_patcher.export.onnx_parity import LOGITS_TOLERANCE, PARITY_NEW_TOKENS,
 from sasa_patcher.export.onnx_runtime import OnnxVlm
 from sasa_patcher.modeling_sasa import SasaSettings
 from sasa_patcher.patching import patch_model
-from tiny_models import FAMILIES, LLAVA_IMAGE_SIZE
+from tiny_models import FAMILIES, GEMMA_IMAGE_SIZE, LLAVA_IMAGE_SIZE
 
 S, F = 1, 3
 FAMILY = {family.name: family for family in FAMILIES}
-TINY_IMAGE_SIZE = {"qwen2_vl": (56, 56), "qwen2_5_vl": (56, 56), "llava": (LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE)}
-EXPORTS = [("qwen2_vl", "gate"), ("qwen2_vl", "augment"), ("qwen2_5_vl", "gate"), ("llava", "gate")]
+TINY_IMAGE_SIZE = {"qwen2_vl": (56, 56), "qwen2_5_vl": (56, 56), "llava": (LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE),
+                   "gemma3": (GEMMA_IMAGE_SIZE, GEMMA_IMAGE_SIZE)}
+EXPORTS = [("qwen2_vl", "gate"), ("qwen2_vl", "augment"), ("qwen2_5_vl", "gate"), ("llava", "gate"),
+           ("gemma3", "gate")]
 
 
 def tiny_patched(name: str, mode: str):
