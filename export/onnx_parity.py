@@ -73,7 +73,8 @@ def default_parity_cases(model, processor, image_size) -> list[dict]:
     cases = []
     for name, rows in layouts:
         texts = [render(prompt, image is not None) for prompt, image in rows]
-        images = [image for _, image in rows if image is not None] or None
+        # one list per prompt (empty for text): the batched form every processor takes (Gemma 3's needs it)
+        images = [[image] if image is not None else [] for _, image in rows] if any(i for _, i in rows) else None
         batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         cases.append({"name": name, **dict(batch)})
     return cases
