@@ -1,7 +1,8 @@
 """The ONNX directory as ONNX Runtime GenAI loads it (`og.Model(dir)`), and the gate in GenAI's own loop.
 
-For families whose spec names a GenAI type (Qwen2-VL and Qwen2.5-VL both run as `qwen2_5_vl`) the
-export adds, next to the graphs and `sasa_onnx.json`:
+For families whose spec names a GenAI type (`ArchitectureSpec.genai_type`; the spec also gives the
+family's vision keys and image processor, `genai_sections`) the export adds, next to the graphs and
+`sasa_onnx.json` (which keeps its own `graphs`: position rows and extra inputs are not GenAI's):
 
     genai_config.json             GenAI's model description: graph files, tensor names, token ids
                                   (the project's runtime reads graph and tensor names from it too)

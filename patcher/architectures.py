@@ -290,10 +290,12 @@ class Gemma3Spec(ArchitectureSpec):
     """Gemma 3: one SigLIP image size (896 at 4B/12B/27B), [1, C, H, W] pixels, 1-D rotary positions,
     `token_type_ids` as an extra decoder input (bidirectional attention inside each image).
 
-    Not served by ONNX Runtime GenAI: its `gemma3` type (0.18) feeds the decoder inputs_embeds,
-    attention_mask, position_ids and the cache only, so the graph's `token_type_ids` input would stay
-    unbound (GenAI refuses to run a graph with an unbound input); without it an image's tokens would see
-    each other causally only, which is not the model. The project's runtime serves these artifacts.
+    Not served by ONNX Runtime GenAI (`genai_type` None, so no `genai_config.json` is written): its
+    `gemma3` type binds the decoder's inputs_embeds, attention_mask, position_ids and cache only; the
+    name `token_type_ids` occurs nowhere in onnxruntime-genai 0.18.0's library (checked in its strings),
+    so the graph's required `token_type_ids` input would stay unfed and ONNX Runtime refuses such a run.
+    Dropping the input would make an image's tokens attend causally only: not the model. The project's
+    runtime (`export/onnx_runtime.py`) serves these artifacts.
     Pan-and-scan crops (`do_pan_and_scan`) are refused: one image is one fixed-size crop here.
     """
 
