@@ -13,6 +13,7 @@ import json
 import time
 
 import numpy as np
+import onnxruntime_genai as og  # a dependency: a broken install fails here, it does not skip
 import pytest
 import torch
 from tiny_genai import MARKER, exported
@@ -22,8 +23,6 @@ from sasa_patcher.export.onnx_export import export_onnx
 from sasa_patcher.export.onnx_names import CONFIG_NAME
 from sasa_patcher.export.onnx_parity import PROB_TOLERANCE, parity_image
 from sasa_patcher.patching import temporary_settings
-
-og = pytest.importorskip("onnxruntime_genai")
 
 NEW_TOKENS = 8
 IMAGE_SIZES = ((120, 200), (150, 90))  # (H, W): a wide and a tall image -> grids [1, 8, 14] and [1, 10, 6]

@@ -97,8 +97,11 @@ def artifact(tmp_path_factory):
     return SimpleNamespace(model=model, processor=processor, root=out, onnx=out / "onnx")
 
 
-def run_script(artifact_dir: Path, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run the script with torch, transformers and onnx unimportable; record every module it loaded."""
+def run_script(artifact_dir: Path, *args: str, tmp_path: Path, runtime: str = "onnxruntime"
+               ) -> subprocess.CompletedProcess:
+    """Run the script with torch, transformers and onnx unimportable; record every module it loaded.
+
+    `runtime` is pinned (never `auto`): a test of the project's runtime must not pass through GenAI's."""
     modules_file = tmp_path / "modules.json"
     prelude = (
         "import sys, json, atexit, runpy\n"
@@ -108,7 +111,8 @@ def run_script(artifact_dir: Path, *args: str, tmp_path: Path) -> subprocess.Com
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
-    result = subprocess.run([sys.executable, "-c", prelude, str(SCRIPT), str(artifact_dir), *args, "--cpu"],
+    result = subprocess.run([sys.executable, "-c", prelude, str(SCRIPT), str(artifact_dir), *args, "--cpu",
+                             "--runtime", runtime],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = {name.split(".")[0] for name in json.loads(modules_file.read_text()) if not name.startswith("_")}
@@ -299,7 +303,6 @@ def test_bad_input_is_one_error_line_and_exit_2(artifact, tmp_path, capsys, case
 @pytest.fixture(scope="module")
 def genai_artifact(tmp_path_factory) -> Path:
     """The tiny Qwen2.5-VL of tests/tiny_genai.py (gate mode), exported once: an ONNX directory GenAI loads."""
-    pytest.importorskip("onnxruntime_genai")
     from tiny_genai import exported
 
     return exported(tmp_path_factory)[0]
