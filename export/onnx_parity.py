@@ -186,13 +186,6 @@ def compare_reference(runtime: OnnxVlm, reference: dict[str, Any], image_feature
     return figures
 
 
-def compare_case(model, runtime: OnnxVlm, case: dict, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
-    """One case, both sides (the model and a session at once: fine for small models)."""
-    reference = torch_reference(model, case, max_new_tokens)
-    features, vision = compare_image_features(runtime, reference)
-    return {**compare_reference(runtime, reference, features), **vision}
-
-
 def compare_references(onnx_dir, references: list[dict], max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
     """The parity summary from precomputed references: needs no PyTorch model, only the ONNX artifact.
 

@@ -242,11 +242,6 @@ def shape_for(spec: str) -> Shape:
     return SHAPES[name]
 
 
-def is_shape_dir(directory: Path) -> bool:
-    """True for a built shape-true model (random weights): the stamp says so."""
-    return (Path(directory) / STAMP_NAME).is_file()
-
-
 def _merge(base: dict, overrides: dict | None) -> dict:
     merged = json.loads(json.dumps(base))
     for key, value in (overrides or {}).items():
