@@ -130,10 +130,11 @@ def read_genai_config(onnx_dir) -> dict[str, Any]:
     path = onnx_dir / GENAI_CONFIG_NAME
     if not path.is_file():
         try:
-            servable = "graphs" in json.loads((onnx_dir / CONFIG_NAME).read_text())
+            config = json.loads((onnx_dir / CONFIG_NAME).read_text())
+            never_written = "graphs" in config and not config.get("genai_files")
         except (OSError, ValueError):
-            servable = False
-        if servable:  # an augment-mode artifact, or a family GenAI cannot run: the project's runtime serves it
+            never_written = False
+        if never_written:  # an augment-mode artifact, or a family GenAI cannot run: the project's runtime serves it
             raise _artifact_error(f"{onnx_dir} has no {GENAI_CONFIG_NAME} (ONNX Runtime GenAI serves gate-mode "
                                   "artifacts of the families it has a type for): use --runtime onnxruntime")
         raise _artifact_error(f"{path} is missing: copy it with the artifact or re-export the artifact")
