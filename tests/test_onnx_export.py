@@ -285,3 +285,29 @@ def test_decoder_export_keeps_no_weight_alive(tmp_path):
     del model
     gc.collect()
     assert [name for name, ref in weights.items() if ref() is not None] == []
+
+
+def test_gemma3_artifact_with_its_processor_prompts_and_generates_like_pytorch(tmp_path):
+    """Gemma 3 through the processor path: the parity cases rendered by the real Gemma3Processor (text, image,
+    mixed batch), and the runtime's own prompt (the template's <start_of_image> expanded as the processor does)."""
+    from PIL import Image
+
+    from tiny_calibration import tiny_processor
+
+    model, processor = tiny_patched("gemma3", "gate"), tiny_processor("gemma3")
+    summary = export_onnx(model, processor, tmp_path / "onnx", image_size=TINY_IMAGE_SIZE["gemma3"])
+    assert summary["parity"]["passed"], summary["parity"]["worst"]
+    assert any(case["images"] for case in summary["parity"]["cases"])
+    config = json.loads((tmp_path / "onnx" / CONFIG_NAME).read_text())
+    assert config["genai_type"] is None and "genai_files" not in config  # GenAI cannot feed token_type_ids
+    decoder = config["graphs"]["decoder"]
+    assert list(decoder["extra_inputs"]) == ["token_type_ids"] and decoder["inputs"][-1] == "token_type_ids"
+    runtime = OnnxVlm(tmp_path / "onnx", providers=["CPUExecutionProvider"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    ids, prepared = runtime.encode_prompt("what is here?", image)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": "what is here?"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    expected = processor(text=[text], images=[[image]], return_tensors="pt")
+    assert ids.tolist() == expected["input_ids"].tolist()
+    assert np.abs(prepared[0].pixel_values - expected["pixel_values"].numpy()).max() <= 1e-5
