@@ -349,6 +349,9 @@ class OrtDecoder:
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = {value.name: value for value in self.session.get_inputs()}
         self.past_names = [name for name in inputs if name.startswith("past.")]
+        # the family's extra [B, T] inputs (Gemma 3's token_type_ids): zeros, the prompts here are text only
+        self.extra_names = [name for name in inputs if name not in self.past_names
+                            and name not in ("inputs_embeds", "attention_mask", "position_ids")]
         self.past_dims = inputs[self.past_names[0]].shape
         self.position_rows = self._position_rows(inputs["position_ids"].shape)
         self.output_names = [value.name for value in self.session.get_outputs()]
@@ -378,7 +381,9 @@ class OrtDecoder:
         if self.position_rows is not None:  # text-only prompts: every row holds the text positions
             positions = np.stack([positions] * self.position_rows)
         binding = self.session.io_binding()
-        for name, array in (("inputs_embeds", embeds), ("attention_mask", attention_mask), ("position_ids", positions)):
+        extra = [(name, np.zeros(embeds.shape[:2], np.int64)) for name in self.extra_names]
+        for name, array in (("inputs_embeds", embeds), ("attention_mask", attention_mask), ("position_ids", positions),
+                            *extra):
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array),
                                                                                self.device, 0))
         for name, value in zip(self.past_names, past, strict=True):

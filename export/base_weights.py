@@ -53,23 +53,6 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, dict]]:
     return 8 + length, header
 
 
-def tensor_digests(path: Path) -> dict[str, str]:
-    """sha256 of every tensor's raw bytes in a safetensors file, streamed (for byte-identity checks)."""
-    import hashlib
-
-    start, header = read_safetensors_header(path)
-    digests = {}
-    with open(path, "rb") as handle:
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            begin, end = entry["data_offsets"]
-            handle.seek(start + begin)
-            digest, remaining = hashlib.sha256(), end - begin
-            while remaining:
-                block = handle.read(min(CHUNK_BYTES, remaining))
-                digest.update(block)
-                remaining -= len(block)
-            digests[name] = digest.hexdigest()
-    return digests
 
 
 @dataclass

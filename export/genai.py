@@ -1,7 +1,8 @@
 """The ONNX directory as ONNX Runtime GenAI loads it (`og.Model(dir)`), and the gate in GenAI's own loop.
 
-For families whose spec names a GenAI type (Qwen2-VL and Qwen2.5-VL both run as `qwen2_5_vl`) the
-export adds, next to the graphs and `sasa_onnx.json`:
+For families whose spec names a GenAI type (`ArchitectureSpec.genai_type`; the spec also gives the
+family's vision keys and image processor, `genai_sections`) the export adds, next to the graphs and
+`sasa_onnx.json` (which keeps its own `graphs`: position rows and extra inputs are not GenAI's):
 
     genai_config.json             GenAI's model description: graph files, tensor names, token ids
                                   (the project's runtime reads graph and tensor names from it too)
@@ -97,9 +98,9 @@ def _lookup(genai: dict[str, Any], dotted: str, source: str) -> Any:
 
 
 def graphs_from_genai(genai: dict[str, Any], source: str = GENAI_CONFIG_NAME) -> dict[str, Any]:
-    """The runtime's view of the graphs (files, tensor names, decoder I/O order) from `genai_config.json`.
-
-    A missing key raises `ArtifactError` naming it (`source`: the file, for the message).
+    """The graph files and tensor names GenAI reads, from `genai_config.json`, as `sasa_onnx.json` `graphs` holds
+    them: the runtime updates those with these, so both load the same files under the same names (the decoder's
+    position rows and extra inputs stay `sasa_onnx.json`'s). A missing key raises `ArtifactError` naming it.
     """
     def get(dotted: str) -> Any:
         return _lookup(genai, dotted, source)
@@ -119,7 +120,6 @@ def graphs_from_genai(genai: dict[str, Any], source: str = GENAI_CONFIG_NAME) ->
             "names": names,
             "inputs": [*names.values(), *past],
             "outputs": [get("model.decoder.outputs.logits"), "unsafe_prob", *present],
-            "position_rows": 3,
         },
     }
 
@@ -131,12 +131,13 @@ def read_genai_config(onnx_dir) -> dict[str, Any]:
     path = onnx_dir / GENAI_CONFIG_NAME
     if not path.is_file():
         try:
-            servable = "graphs" in json.loads((onnx_dir / CONFIG_NAME).read_text())
+            config = json.loads((onnx_dir / CONFIG_NAME).read_text())
+            never_written = "graphs" in config and not config.get("genai_files")
         except (OSError, ValueError):
-            servable = False
-        if servable:  # an augment-mode or LLaVA artifact: the project's runtime serves it
+            never_written = False
+        if never_written:  # an augment-mode artifact, or a family GenAI cannot run: the project's runtime serves it
             raise _artifact_error(f"{onnx_dir} has no {GENAI_CONFIG_NAME} (ONNX Runtime GenAI serves gate-mode "
-                                  "Qwen2-VL and Qwen2.5-VL artifacts only): use --runtime onnxruntime")
+                                  "artifacts of the families it has a type for): use --runtime onnxruntime")
         raise _artifact_error(f"{path} is missing: copy it with the artifact or re-export the artifact")
     try:
         genai = json.loads(path.read_text())
@@ -166,8 +167,10 @@ def _pad_token(config: dict[str, Any], tokenizer, prompts: list[str]) -> int:
     return next((token for token in candidates if token not in used), config["pad_token_id"])
 
 
-def genai_config(config: dict[str, Any], vision_config, genai_type: str, pad_token_id: int) -> dict[str, Any]:
-    """GenAI's model description for the three graphs of `config` (the built `sasa_onnx.json`)."""
+def genai_config(config: dict[str, Any], vision_keys: dict[str, Any], genai_type: str, pad_token_id: int
+                 ) -> dict[str, Any]:
+    """GenAI's model description for the three graphs of `config` (the built `sasa_onnx.json`); `vision_keys`:
+    the family's own `model.vision` keys (its spec's `genai_sections`)."""
     cache, graphs = config["cache"], config["graphs"]
     eos = config["eos_token_id"]
     return {
@@ -200,10 +203,7 @@ def genai_config(config: dict[str, Any], vision_config, genai_type: str, pad_tok
             "vision": {
                 "session_options": SESSION_OPTIONS, "filename": graphs["vision_encoder"]["file"],
                 "config_filename": GENAI_PROCESSOR_NAME,
-                "spatial_merge_size": vision_config.spatial_merge_size,
-                "tokens_per_second": float(getattr(vision_config, "tokens_per_second", None) or 2.0),
-                "patch_size": vision_config.patch_size,
-                "inputs": {"pixel_values": "pixel_values", "image_grid_thw": "image_grid_thw"},
+                **vision_keys,
                 "outputs": {"image_features": "image_features"},
             },
         },
@@ -212,30 +212,6 @@ def genai_config(config: dict[str, Any], vision_config, genai_type: str, pad_tok
                    "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
-
-
-def processor_definition(preprocessing: dict[str, Any]) -> dict[str, Any]:
-    """GenAI's Qwen image processor with the model's own constants (smart resize, CLIP mean/std).
-
-    `smart_resize: 1` makes the Resize step ignore its width/height and resize each image from its own
-    size as transformers does; measured equal to `Qwen2VLImageProcessorPil` within 5e-7.
-    """
-    patch, merge = preprocessing["patch_size"], preprocessing["merge_size"]
-    transforms = [
-        ("decode_image", "DecodeImage", {"color_space": "RGB"}),
-        ("convert_to_rgb", "ConvertRGB", None),
-        ("resize", "Resize", {"width": 540, "height": 360, "smart_resize": 1,
-                              "min_pixels": preprocessing["min_pixels"], "max_pixels": preprocessing["max_pixels"],
-                              "patch_size": patch, "merge_size": merge}),
-        ("rescale", "Rescale", {"rescale_factor": preprocessing["rescale_factor"]}),
-        ("normalize", "Normalize", {"mean": preprocessing["image_mean"], "std": preprocessing["image_std"],
-                                    "qwen2_5_vl": 1}),
-        ("patch_image", "PatchImage", {"patch_size": patch, "temporal_patch_size": preprocessing["temporal_patch_size"],
-                                       "merge_size": merge}),
-    ]
-    operations = [{"operation": {"name": name, "type": kind, **({"attrs": attrs} if attrs else {})}}
-                  for name, kind, attrs in transforms]
-    return {"processor": {"name": "qwen2_5_image_processor", "transforms": operations}}
 
 
 def write_tokenizer_files(tokenizer, chat_template: str | None, out_dir: Path) -> None:
@@ -251,14 +227,15 @@ def write_tokenizer_files(tokenizer, chat_template: str | None, out_dir: Path) -
 
 def write_genai_files(config: dict[str, Any], model, processor, out_dir: Path) -> list[str]:
     """Write GenAI's config, processor and tokenizer files; return their names."""
+    from sasa_patcher.architectures import spec_for
     from sasa_patcher.export.onnx_config import render_user_turn
 
     tokenizer = processor.tokenizer
     prompts = [render_user_turn(processor, "x", images) for images in (0, 1)]
     pad = _pad_token(config, tokenizer, [prompt for prompt in prompts if prompt])
-    spec_type = config["genai_type"]
-    files = {GENAI_CONFIG_NAME: genai_config(config, model.config.vision_config, spec_type, pad),
-             GENAI_PROCESSOR_NAME: processor_definition(config["preprocessing"])}
+    vision_keys, image_processor = spec_for(model).genai_sections(model, config["preprocessing"])
+    files = {GENAI_CONFIG_NAME: genai_config(config, vision_keys, config["genai_type"], pad),
+             GENAI_PROCESSOR_NAME: image_processor}
     for name, content in files.items():
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
     write_tokenizer_files(tokenizer, config.get("chat_template"), out_dir)

@@ -27,9 +27,10 @@ def _processor_section(model, processor, layout: ImageLayout, image_size) -> dic
     tokenizer = getattr(processor, "tokenizer", None)
     image_processor = getattr(processor, "image_processor", None)
     if tokenizer is not None:
-        image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+        image_prompt = spec_for(model).image_prompt(model, tokenizer)
         section.update(
-            image_token=image_token,
+            image_token=image_prompt["token"],
+            image_prompt=image_prompt,
             chat_template=getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
             special_tokens={name: str(value) for name, value in tokenizer.special_tokens_map.items()
                             if isinstance(value, str)},
@@ -90,20 +91,7 @@ def build_config(model, processor, layout: ImageLayout, image_size) -> dict[str,
     spec = spec_for(model)
     text_config = model.config.get_text_config()
     eos = _token_ids(model.generation_config.eos_token_id) or _token_ids(text_config.eos_token_id)
-    vision_graph = {
-        "file": VISION_FILE,
-        "inputs": {"pixel_values": {"dtype": "float32", "shape": list(layout.pixel_shape)}},
-        "outputs": {"image_features": {"dtype": "float32", "shape": [layout.tokens_per_image, dims["hidden_size"]]}},
-        "images_per_call": 1,
-    }
-    if spec.dynamic_image_size:
-        vision_graph = {
-            "file": VISION_FILE,
-            "inputs": {"pixel_values": {"dtype": "float32", "shape": ["num_patches", layout.pixel_shape[1]]},
-                       "image_grid_thw": {"dtype": "int64", "shape": ["num_images", 3]}},
-            "outputs": {"image_features": {"dtype": "float32", "shape": ["num_image_tokens", dims["hidden_size"]]}},
-            "images_per_call": "any (rows of all images in order, one grid row per image)",
-        }
+    vision_graph = {"file": VISION_FILE, **spec.vision_io(model, layout)}
     config: dict[str, Any] = {
         "format": "sasa-onnx",
         "format_version": FORMAT_VERSION,
@@ -124,10 +112,13 @@ def build_config(model, processor, layout: ImageLayout, image_size) -> dict[str,
             },
             "decoder": {
                 "file": DECODER_FILE,
-                "inputs": ["inputs_embeds", "attention_mask", "position_ids", *cache_names(model, "past")],
+                "inputs": ["inputs_embeds", "attention_mask", "position_ids", *cache_names(model, "past"),
+                           *spec.decoder_extra_inputs],
                 "outputs": ["logits", "unsafe_prob", *cache_names(model, "present")],
                 "position_ids": spec.position_doc(),
                 "position_rows": spec.position_rows,
+                # inputs the runtime makes from the prompt: name -> rule (1 at image tokens: the only rule so far)
+                "extra_inputs": dict(spec.decoder_extra_inputs),
                 "attention_mask": "int64 [batch, past_sequence_length + sequence_length], 1 = token; left padding",
                 "logits": "float32 [batch, sequence_length, vocab_size] of the serving stream "
                           "(original in gate mode, projected in augment mode)",

@@ -117,9 +117,8 @@ def export_onnx(
         tokenizer.backend_tokenizer.save(str(out_dir / TOKENIZER_FILE))
         config["tokenizer_file"] = TOKENIZER_FILE
     if config.get("genai_type") and tokenizer is not None:
-        # ONNX Runtime GenAI's files; graph and tensor names then live in genai_config.json only.
+        # ONNX Runtime GenAI's files; the runtime takes graph files and tensor names from genai_config.json.
         config["genai_files"] = write_genai_files(config, model, processor, out_dir)
-        del config["graphs"]
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     import onnxruntime
@@ -136,7 +135,7 @@ def export_onnx(
         cases = parity_cases if parity_cases is not None else default_parity_cases(model, processor, image_size)
         if cases:
             started = time.perf_counter()
-            references = [torch_reference(model, case, image_size) for case in cases]
+            references = [torch_reference(model, case) for case in cases]
             summary["parity_torch_seconds"] = round(time.perf_counter() - started, 2)
             peaks["parity_torch"] = _phase_peak()
     if release_model is not None:

@@ -43,7 +43,6 @@ from torch import nn
 from sasa_patcher.architectures import ImageLayout, spec_for
 from sasa_patcher.export.onnx_names import UNSAFE_PROB_NOT_COMPUTED
 from sasa_patcher.export.onnx_transposes import fold_weight_transposes
-from sasa_patcher.export.onnx_vision import QwenVisionGraph, trace_grids
 from sasa_patcher.modeling_sasa import SasaCache, last_token_index
 
 OPSET = 18
@@ -61,7 +60,7 @@ class VisionEncoderGraph(nn.Module):
         self.layout = layout
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.sasa_image_features(spec_for(self.model).vision_inputs(pixel_values, self.layout))
+        return self.model.sasa_image_features(spec_for(self.model).vision_inputs(pixel_values, self.layout.grid_thw))
 
 
 class EmbedTokensGraph(nn.Module):
@@ -116,7 +115,8 @@ class DecoderGraph(nn.Module):
 
     Inputs: inputs_embeds [B, T, H], attention_mask [B, P+T] (1 = token, left padding),
     position_ids (`ArchitectureSpec.position_rows`: [B, T] or [rows, B, T]), then the past
-    keys/values of `cache_names(model, "past")` as [B, kv_heads, P, head_dim].
+    keys/values of `cache_names(model, "past")` as [B, kv_heads, P, head_dim], then the spec's
+    `decoder_extra_inputs` ([B, T] each, e.g. Gemma 3's token_type_ids).
     Outputs: logits [B, T, V], unsafe_prob [B], then `present.*` as [B, kv_heads, P+T, head_dim].
     `unsafe_prob` is the probe on the chunk's last non-pad token when P == 0 (the prompt), else -1.
 
@@ -134,7 +134,8 @@ class DecoderGraph(nn.Module):
         self.probe = probe
         self.layers = cache_layers(model)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor]):
+    def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor],
+                extra: tuple[torch.Tensor, ...] = ()):
         model = self.model
         text_model = model.sasa_text_model()
         cache = SasaCache(model.config)
@@ -147,8 +148,9 @@ class DecoderGraph(nn.Module):
         past_length = past[0].shape[2]
         text_pos, rope_pos = model.sasa_positions(position_ids, None, attention_mask, past_length, inputs_embeds,
                                                   cache, {})
-        masks = model._masks(text_model, inputs_embeds, attention_mask, cache, text_pos)
-        rotary = text_model.rotary_emb(inputs_embeds, rope_pos)
+        extras = dict(zip(spec_for(model).decoder_extra_inputs, extra, strict=True))
+        masks = model.sasa_masks(text_model, inputs_embeds, attention_mask, cache, text_pos, extras)
+        rotary = model.sasa_rotary(text_model, inputs_embeds, rope_pos)
         original, projected, per_layer = model.sasa_serving_streams(
             text_model, inputs_embeds, masks, rotary, text_pos, cache
         )
@@ -161,7 +163,7 @@ class DecoderGraph(nn.Module):
 
         def prompt_probe(h_s, h_f):
             # Traced for every shape: the uncached passes see only the chunk's own keys.
-            own = {name: (mask[..., -seq_len:] if mask is not None else None) for name, mask in masks.items()}
+            own = {name: (mask[..., past_length:] if mask is not None else None) for name, mask in masks.items()}
             # every layer output is passed (the multi-layer probe reads several; the others read s and f)
             features = model.sasa_probe_features(text_model, {**per_layer, s: h_s, f: h_f}, original, projected, own,
                                                  rotary, text_pos, rows, last)
@@ -211,7 +213,9 @@ def decoder_example(model, batch: int = 2, past: int = 3, chunk: int = 4) -> tup
     positions = spec_for(model).trace_positions(positions)
     cache = [torch.randn(batch, dims["num_key_value_heads"], past, dims["head_dim"], generator=generator)
              for _ in cache_names(model, "past")]
-    return embeds, mask, positions.contiguous(), cache
+    # token types with an image block inside the chunk, so the bidirectional branch is traced
+    extra = tuple(torch.tensor([[0] + [1] * (chunk - 2) + [0]] * batch) for _ in spec_for(model).decoder_extra_inputs)
+    return embeds, mask, positions.contiguous(), cache, extra
 
 
 def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, probe: bool = True) -> None:
@@ -230,13 +234,15 @@ def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, 
         "attention_mask": {0: dynamic, 1: dynamic},
         "position_ids": spec_for(model).position_axes(dynamic),
         "past": [{0: dynamic, 2: dynamic} for _ in past_names],
+        "extra": tuple({0: dynamic, 1: dynamic} for _ in spec_for(model).decoder_extra_inputs),
     }
     wrapper = DecoderGraph(model, probe=probe).eval()
     with torch.no_grad():
         program = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes, strict=False)
         onnx_program = torch.onnx.export(
             program, example, dynamo=True, optimize=True, verify=False,
-            input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
+            input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names,
+                         *spec_for(model).decoder_extra_inputs],
             output_names=["logits", "unsafe_prob", *cache_names(model, "present")],
         )
     # Edited and saved as the exporter's IR: `model_proto` would build a protobuf holding a second copy
@@ -325,18 +331,15 @@ def _name_ir_axes(model, names: dict[tuple[str, int], str]) -> None:
 
 
 def export_vision(model, layout: ImageLayout, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+    """The spec's vision module and example; names and dynamic axes (the named dimensions) from its contract."""
     spec = spec_for(model)
-    if spec.dynamic_image_size:
-        pixels, grid = trace_grids(layout.pixel_shape[1])
-        axes = {"pixel_values": {0: "num_patches"}, "image_grid_thw": {0: "num_images"},
-                "image_features": {0: "num_image_tokens"}}
-        graph = QwenVisionGraph(model.model.visual, spec.window_attention).eval()
-        _export_torchscript(graph, (pixels, grid), path, ["pixel_values", "image_grid_thw"], ["image_features"], axes,
-                            threshold)
-        return
-    example = torch.randn(*layout.pixel_shape, generator=torch.Generator().manual_seed(0))
-    _export_torchscript(VisionEncoderGraph(model, layout).eval(), (example,), path, ["pixel_values"],
-                        ["image_features"], None, threshold)
+    contract = spec.vision_io(model, layout)
+    module, example = spec.vision_graph(model, layout)
+    tensors = {**contract["inputs"], **contract["outputs"]}
+    axes = {name: {axis: dim for axis, dim in enumerate(tensor["shape"]) if isinstance(dim, str)}
+            for name, tensor in tensors.items()}
+    _export_torchscript(module.eval(), example, path, list(contract["inputs"]), list(contract["outputs"]),
+                        {name: named for name, named in axes.items() if named} or None, threshold)
 
 
 def export_embed(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from sasa_patcher.architectures import spec_for
-from sasa_patcher.export.onnx_graphs import VisionEncoderGraph
-from sasa_patcher.export.onnx_runtime import OnnxVlm, PreparedImage, find_onnx_dir, load_config
+from sasa_patcher.export.onnx_runtime import OnnxVlm, PreparedImage
 
 # Logits: 1e-4 absolute, or 1e-5 of the largest |logit| when that is larger. Why the relative part:
 # on the 30-layer embedded SmolLM2 (|logit| up to 43) PyTorch fp32 itself is 9.8e-5 from an fp64
@@ -74,7 +73,8 @@ def default_parity_cases(model, processor, image_size) -> list[dict]:
     cases = []
     for name, rows in layouts:
         texts = [render(prompt, image is not None) for prompt, image in rows]
-        images = [image for _, image in rows if image is not None] or None
+        # one list per prompt (empty for text): the batched form every processor takes (Gemma 3's needs it)
+        images = [[image] if image is not None else [] for _, image in rows] if any(i for _, i in rows) else None
         batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         cases.append({"name": name, **dict(batch)})
     return cases
@@ -95,14 +95,10 @@ def split_images(model, batch: dict) -> list[PreparedImage]:
             for rows, grid in zip(np.split(pixels, np.cumsum(sizes)[:-1]), grids, strict=True)]
 
 
-def _torch_image_features(model, image: PreparedImage, image_size) -> np.ndarray:
-    """PyTorch's features for one image: the model's own tower (any grid) or the fixed-size graph module."""
+def _torch_image_features(model, image: PreparedImage) -> np.ndarray:
+    """PyTorch's features for one image: the model's own tower, fed as the spec says (pixels, grid)."""
     pixels = torch.from_numpy(image.pixel_values)
-    if image.grid_thw is not None:
-        return model.sasa_image_features({"pixel_values": pixels, "image_grid_thw": torch.tensor([image.grid_thw])}
-                                         ).numpy()
-    layout = spec_for(model).image_layout(model, tuple(image_size))
-    return VisionEncoderGraph(model, layout)(pixels).numpy()
+    return model.sasa_image_features(spec_for(model).vision_inputs(pixels, image.grid_thw)).numpy()
 
 
 def _max_diff(a, b) -> float:
@@ -128,7 +124,7 @@ def _torch_greedy(model, batch: dict, max_new_tokens: int) -> tuple[np.ndarray, 
 
 
 @torch.no_grad()
-def torch_reference(model, case: dict, image_size, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
+def torch_reference(model, case: dict, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
     """Everything the parity check compares, computed by the PyTorch model (numpy, positions under the mask only).
 
     Why apart: the references of every case are computed first, so the PyTorch model can be released
@@ -138,7 +134,7 @@ def torch_reference(model, case: dict, image_size, max_new_tokens: int = PARITY_
     mask = batch["attention_mask"].bool().numpy()
     images = split_images(model, batch)
     started = time.perf_counter()
-    features = [_torch_image_features(model, image, image_size) for image in images]
+    features = [_torch_image_features(model, image) for image in images]
     reference = model(**batch)
     tokens, step_logits = _torch_greedy(model, batch, max_new_tokens)
     logits = reference.logits.numpy()[mask]
@@ -188,21 +184,6 @@ def compare_reference(runtime: OnnxVlm, reference: dict[str, Any], image_feature
     figures["tokens_identical"] = bool(result.tokens.shape == torch_tokens.shape
                                        and np.array_equal(result.tokens, torch_tokens))
     return figures
-
-
-def compare_case(model, runtime: OnnxVlm, case: dict, max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
-    """One case, both sides (the model and a session at once: fine for small models)."""
-    image_size = (runtime.config.get("image") or {}).get("sizes", [None])[0]
-    reference = torch_reference(model, case, image_size, max_new_tokens)
-    features, vision = compare_image_features(runtime, reference)
-    return {**compare_reference(runtime, reference, features), **vision}
-
-
-def measure_parity(model, onnx_dir, cases: list[dict], max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:
-    """Compare every case; `worst` holds the maxima and `passed` the verdict against the tolerances."""
-    image_size = (load_config(find_onnx_dir(onnx_dir)).get("image") or {}).get("sizes", [None])[0]
-    references = [torch_reference(model, case, image_size, max_new_tokens) for case in cases]
-    return compare_references(onnx_dir, references, max_new_tokens)
 
 
 def compare_references(onnx_dir, references: list[dict], max_new_tokens: int = PARITY_NEW_TOKENS) -> dict[str, Any]:

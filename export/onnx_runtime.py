@@ -12,8 +12,8 @@ Pipeline for one batch (left padding, greedy):
   verdict), present.*; decode: one token per step, present.* fed back as past.*
   gate mode: a row whose unsafe_prob exceeds the threshold emits the refusal tokens instead.
 
-Graph files and tensor names come from `genai_config.json` when the artifact has one (the file ONNX
-Runtime GenAI loads), else from `sasa_onnx.json` `graphs`: one source of truth per artifact.
+Graphs come from `sasa_onnx.json` `graphs`; where the artifact has a `genai_config.json` (the file ONNX
+Runtime GenAI loads), its graph files and tensor names replace those: both runtimes load the same files.
 Bad artifacts and inputs raise `ArtifactError`, `ImageError` or `PromptTooLongError` with one line.
 """
 
@@ -67,9 +67,10 @@ def load_config(onnx_dir: Path) -> dict:
 
     config = read(CONFIG_NAME)
     try:
-        if (onnx_dir / GENAI_CONFIG_NAME).is_file():
-            config["graphs"] = graphs_from_genai(read(GENAI_CONFIG_NAME))
         graphs = config["graphs"]
+        if (onnx_dir / GENAI_CONFIG_NAME).is_file():
+            for name, graph in graphs_from_genai(read(GENAI_CONFIG_NAME)).items():
+                graphs[name].update(graph)
         for name in GRAPHS:
             graphs[name]["file"]
         config["sasa"], config["eos_token_id"], config["hidden_size"], config["cache"]
@@ -113,7 +114,8 @@ class OnnxVlm:
         for name in GRAPHS:  # a broken artifact fails here, not in the middle of a generation
             self.session(name)
         self.names = {key: value for graph in graphs.values() for key, value in graph.get("names", {}).items()}
-        self.past_names = graphs["decoder"]["inputs"][3:]
+        self.extra_input_names = list(graphs["decoder"].get("extra_inputs", {}))
+        self.past_names = [name for name in graphs["decoder"]["inputs"][3:] if name not in self.extra_input_names]
         self.output_names = graphs["decoder"]["outputs"]
         self._tokenizer = None
 
@@ -197,10 +199,16 @@ class OnnxVlm:
             return text
         return np.stack(([text] if self.position_rows == 4 else []) + [text + deltas] * 3)
 
-    def run_decoder(self, embeds, attention_mask, position_ids, past: list[np.ndarray]) -> list[np.ndarray]:
+    def extra_inputs(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The decoder's extra inputs for a chunk of `input_ids` (their one rule: 1 at image tokens)."""
+        image_token = self.config["image"]["image_token_id"]
+        return {self.name(name): (input_ids == image_token).astype(np.int64) for name in self.extra_input_names}
+
+    def run_decoder(self, embeds, attention_mask, position_ids, past: list[np.ndarray],
+                    extra: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         feeds = {self.name("inputs_embeds"): embeds, self.name("attention_mask"): attention_mask.astype(np.int64),
                  self.name("position_ids"): position_ids.astype(np.int64),
-                 **dict(zip(self.past_names, past, strict=True))}
+                 **dict(zip(self.past_names, past, strict=True)), **(extra or {})}
         return self.session("decoder").run(self.output_names, feeds)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
@@ -232,7 +240,8 @@ class OnnxVlm:
         embeds = self.embed_tokens(input_ids, image_features)
         grids = [image.grid_thw for image in images if isinstance(image, PreparedImage) and image.grid_thw]
         position_ids, deltas = self.prefill_positions(input_ids, attention_mask, grids or None)
-        logits, unsafe_prob, *past = self.run_decoder(embeds, attention_mask, position_ids, self.empty_cache(batch))
+        logits, unsafe_prob, *past = self.run_decoder(embeds, attention_mask, position_ids, self.empty_cache(batch),
+                                                      self.extra_inputs(input_ids))
         sasa = self.config["sasa"]
         flagged = unsafe_prob > sasa["threshold"] if self.flaggable else np.zeros(batch, bool)
         refusal = sasa["refusal_token_ids"]
@@ -262,7 +271,7 @@ class OnnxVlm:
             attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), np.int64)], axis=1)
             embeds = self.embed_tokens(chosen[:, None], no_images)
             logits, _, *past = self.run_decoder(embeds, attention_mask, self.step_positions(attention_mask, deltas),
-                                                past)
+                                                past, self.extra_inputs(chosen[:, None]))
         new_tokens = np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), np.int64)
         return Generation(new_tokens, unsafe_prob, flagged, prefill_logits, step_logits)
 
@@ -295,15 +304,16 @@ class OnnxVlm:
         paths = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         images = [preprocess_image(path, self.config) for path in paths]
         text = self.render_prompt(prompt, len(images))
-        token = self.config["image_token"] if images else None
         if images:
-            pieces = text.split(token)
+            expand = self.config["image_prompt"]  # what the processor puts where the template marks an image
+            pieces = text.split(expand["marker"])
             if len(pieces) - 1 != len(images):
-                raise ValueError(f"the chat template placed {len(pieces) - 1} image tokens for {len(images)} images")
+                raise ValueError(f"the chat template placed {len(pieces) - 1} image markers for {len(images)} images")
             merge = self.config["image"]["spatial_merge_size"]
             counts = [image_tokens(i.grid_thw, merge) if i.grid_thw else self.config["image"]["tokens_per_image"]
                       for i in images]
-            text = pieces[0] + "".join(token * count + piece for count, piece in zip(counts, pieces[1:], strict=True))
+            text = pieces[0] + "".join(expand["before"] + expand["token"] * count + expand["after"] + piece
+                                       for count, piece in zip(counts, pieces[1:], strict=True))
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids
         return np.array([ids], np.int64), images
 

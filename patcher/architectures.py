@@ -1,22 +1,31 @@
 """One spec per architecture: what export and serving need to know about a model family.
 
-The patched forward's per-family code (image merge, rotary positions) lives in the adapters of the
-self-contained modeling file, because artifacts carry that file. Everything else a family needs
+The patched forward's per-family code (image merge, rotary positions, masks) lives in the adapters of
+the self-contained modeling file, because artifacts carry that file. Everything else a family needs
 outside the forward lives here, registered under the adapter's own name (`_sasa_architecture`):
-the processor to load on a machine without torchvision, the image layout the vision graph takes,
-the default image size, the position-id rows the decoder graph takes, and the preprocessing facts
-the torch-free runtime replays. Adding an architecture = an adapter, a spec, a tiny test family;
-nothing else branches on an architecture name.
+the processor to load (and write) on a machine without torchvision, the image layout, the vision
+graph's contract (module, example inputs, input shapes and dynamic axes), the default image size, the
+position-id rows and extra inputs of the decoder graph, how an image appears in the prompt text, the
+preprocessing facts the torch-free runtime replays, and ONNX Runtime GenAI's type and image processor.
+Exporter, parity check, runtimes and GenAI writer read these; none of them branches on a family.
+Adding an architecture = an adapter, a spec, a tiny test family.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+
+# The rule for the decoder's extra inputs the runtimes make from the prompt: int64 [batch, sequence_length],
+# 1 where input_ids holds the image token, else 0 (0 on decode steps: generated tokens are text).
+IMAGE_TOKEN_TYPES = "1 at image tokens (input_ids == image_token_id), else 0; int64 [batch, sequence_length]"
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,25 @@ class ImageLayout:
     pixel_shape: tuple[int, ...]
     tokens_per_image: int
     grid_thw: tuple[int, int, int] | None  # Qwen: patches (t, h, w) before merging
+
+
+def _fixed_size_vision_io(layout: ImageLayout, hidden: int) -> dict[str, Any]:
+    return {"inputs": {"pixel_values": {"dtype": "float32", "shape": list(layout.pixel_shape)}},
+            "outputs": {"image_features": {"dtype": "float32", "shape": [layout.tokens_per_image, hidden]}},
+            "images_per_call": 1}
+
+
+def save_processor_without_torchvision(processor_class: str, image_processor: dict, out: Path) -> None:
+    """`processor_config.json` as the processor's own `save_pretrained` writes it, with its video processor.
+
+    Written by hand because processors with a video processor (Qwen2-VL's) cannot be built without
+    torchvision (see `processors.image_only`); `AutoProcessor` loads this file, video processor included,
+    wherever torchvision is installed.
+    """
+    video = {key: image_processor[key] for key in ("size", "patch_size", "temporal_patch_size", "merge_size")}
+    config = {"processor_class": processor_class, "image_processor": image_processor,
+              "video_processor": {"video_processor_type": "Qwen2VLVideoProcessor", **video}}
+    (Path(out) / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 class ArchitectureSpec:
@@ -39,8 +67,11 @@ class ArchitectureSpec:
     # The vision graph takes any image size (pixel rows + `image_grid_thw`, several images per call);
     # False: one fixed size per artifact.
     dynamic_image_size: ClassVar[bool] = False
-    # ONNX Runtime GenAI's `model.type` that runs this family's graphs, or None (GenAI has no such type).
+    # ONNX Runtime GenAI's `model.type` that runs this family's graphs, or None (GenAI cannot run them).
     genai_type: ClassVar[str | None] = None
+    # Decoder inputs beyond inputs_embeds, attention_mask, position_ids and the cache, made by the runtimes
+    # with the rule `IMAGE_TOKEN_TYPES` (the one rule so far): name -> rule.
+    decoder_extra_inputs: ClassVar[dict[str, str]] = {}
     # Window attention in the vision tower (Qwen2.5-VL): the dynamic vision graph builds window segments.
     window_attention: bool = False
     # The transformers processor class that cannot be built without torchvision (its video processor
@@ -56,9 +87,32 @@ class ArchitectureSpec:
     def image_layout(self, model, image_size: tuple[int, int]) -> ImageLayout:
         raise NotImplementedError
 
-    def vision_inputs(self, pixel_values: torch.Tensor, layout: ImageLayout) -> dict[str, Any]:
-        """The `multimodal` dict the adapter's `sasa_image_features` takes for one image of `layout`."""
+    def vision_inputs(self, pixel_values: torch.Tensor, grid_thw=None) -> dict[str, Any]:
+        """The `multimodal` dict the adapter's `sasa_image_features` takes for one image (of grid `grid_thw`)."""
         return {"pixel_values": pixel_values}
+
+    def vision_io(self, model, layout: ImageLayout) -> dict[str, Any]:
+        """The vision graph's contract for `sasa_onnx.json`: inputs and outputs (dtype, shape; a named axis is
+        dynamic) and how many images one call takes."""
+        return _fixed_size_vision_io(layout, model.config.get_text_config().hidden_size)
+
+    def vision_graph(self, model, layout: ImageLayout) -> tuple[nn.Module, tuple]:
+        """The module exported as the vision graph and its example inputs (in `vision_io`'s input order)."""
+        from sasa_patcher.export.onnx_graphs import VisionEncoderGraph
+
+        example = torch.randn(*layout.pixel_shape, generator=torch.Generator().manual_seed(0))
+        return VisionEncoderGraph(model, layout), (example,)
+
+    def image_prompt(self, model, tokenizer) -> dict[str, str]:
+        """How the processor expands one image in the templated text: `marker` (what the chat template writes)
+        becomes `before` + `token` x (the image's feature count) + `after`."""
+        token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+        return {"marker": token, "before": "", "token": token, "after": ""}
+
+    def genai_sections(self, model, preprocessing: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """GenAI's `model.vision` keys beyond the file names and its image processor definition (families
+        with a `genai_type` only)."""
+        raise NotImplementedError(f"{self.name} has no ONNX Runtime GenAI type")
 
     def preprocessing(self, model, image_processor, image_size: tuple[int, int]) -> dict[str, Any]:
         """Resize and layout facts the numpy runtime replays (the shared constants are added by the caller)."""
@@ -139,9 +193,50 @@ class QwenVLSpec(ArchitectureSpec):
         tokens = grid[0] * grid[1] * grid[2] // vision.spatial_merge_size**2
         return ImageLayout((grid[0] * grid[1] * grid[2], patch_dim), tokens, grid)
 
-    def vision_inputs(self, pixel_values: torch.Tensor, layout: ImageLayout) -> dict[str, Any]:
-        return {"pixel_values": pixel_values,
-                "image_grid_thw": torch.tensor([layout.grid_thw], device=pixel_values.device)}
+    def vision_inputs(self, pixel_values: torch.Tensor, grid_thw=None) -> dict[str, Any]:
+        return {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([grid_thw], device=pixel_values.device)}
+
+    def vision_io(self, model, layout: ImageLayout) -> dict[str, Any]:
+        hidden = model.config.get_text_config().hidden_size
+        return {"inputs": {"pixel_values": {"dtype": "float32", "shape": ["num_patches", layout.pixel_shape[1]]},
+                           "image_grid_thw": {"dtype": "int64", "shape": ["num_images", 3]}},
+                "outputs": {"image_features": {"dtype": "float32", "shape": ["num_image_tokens", hidden]}},
+                "images_per_call": "any (rows of all images in order, one grid row per image)"}
+
+    def vision_graph(self, model, layout: ImageLayout) -> tuple[nn.Module, tuple]:
+        """The tower through its tensor-only rewrite, traced with two images of different grids."""
+        from sasa_patcher.export.onnx_vision import QwenVisionGraph, trace_grids
+
+        return QwenVisionGraph(model.model.visual, self.window_attention), trace_grids(layout.pixel_shape[1])
+
+    def genai_sections(self, model, preprocessing: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """GenAI's Qwen vision keys, and its Qwen image processor with the model's own constants.
+
+        `smart_resize: 1` makes the Resize step ignore its width/height and resize each image from its own
+        size as transformers does; measured equal to `Qwen2VLImageProcessorPil` within 5e-7.
+        """
+        vision = model.config.vision_config
+        keys = {"spatial_merge_size": vision.spatial_merge_size,
+                "tokens_per_second": float(getattr(vision, "tokens_per_second", None) or 2.0),
+                "patch_size": vision.patch_size,
+                "inputs": {"pixel_values": "pixel_values", "image_grid_thw": "image_grid_thw"}}
+        patch, merge = preprocessing["patch_size"], preprocessing["merge_size"]
+        transforms = [
+            ("decode_image", "DecodeImage", {"color_space": "RGB"}),
+            ("convert_to_rgb", "ConvertRGB", None),
+            ("resize", "Resize", {"width": 540, "height": 360, "smart_resize": 1,
+                                  "min_pixels": preprocessing["min_pixels"], "max_pixels": preprocessing["max_pixels"],
+                                  "patch_size": patch, "merge_size": merge}),
+            ("rescale", "Rescale", {"rescale_factor": preprocessing["rescale_factor"]}),
+            ("normalize", "Normalize", {"mean": preprocessing["image_mean"], "std": preprocessing["image_std"],
+                                        "qwen2_5_vl": 1}),
+            ("patch_image", "PatchImage", {"patch_size": patch,
+                                           "temporal_patch_size": preprocessing["temporal_patch_size"],
+                                           "merge_size": merge}),
+        ]
+        operations = [{"operation": {"name": name, "type": kind, **({"attrs": attrs} if attrs else {})}}
+                      for name, kind, attrs in transforms]
+        return keys, {"processor": {"name": "qwen2_5_image_processor", "transforms": operations}}
 
     def preprocessing(self, model, image_processor, image_size: tuple[int, int]) -> dict[str, Any]:
         vision = model.config.vision_config
@@ -191,11 +286,61 @@ class LlavaSpec(ArchitectureSpec):
         return "shortest edge to the crop size, then center crop, as the transformers processor"
 
 
+class Gemma3Spec(ArchitectureSpec):
+    """Gemma 3: one SigLIP image size (896 at 4B/12B/27B), [1, C, H, W] pixels, 1-D rotary positions,
+    `token_type_ids` as an extra decoder input (bidirectional attention inside each image).
+
+    Not served by ONNX Runtime GenAI (`genai_type` None, so no `genai_config.json` is written): its
+    `gemma3` type binds the decoder's inputs_embeds, attention_mask, position_ids and cache only; the
+    name `token_type_ids` occurs nowhere in onnxruntime-genai 0.18.0's library (checked in its strings),
+    so the graph's required `token_type_ids` input would stay unfed and ONNX Runtime refuses such a run.
+    Dropping the input would make an image's tokens attend causally only: not the model. The project's
+    runtime (`export/onnx_runtime.py`) serves these artifacts.
+    Pan-and-scan crops (`do_pan_and_scan`) are refused: one image is one fixed-size crop here.
+    """
+
+    name = "gemma3"
+    position_rows = 1
+    decoder_extra_inputs = {"token_type_ids": IMAGE_TOKEN_TYPES}
+
+    def default_image_size(self, model, processor=None) -> tuple[int, int]:
+        side = model.config.vision_config.image_size
+        return (side, side)
+
+    def check_image_size(self, model, processor, image_size: tuple[int, int]) -> None:
+        if getattr(getattr(processor, "image_processor", None), "do_pan_and_scan", False):
+            raise ValueError("Gemma 3 pan-and-scan crops (do_pan_and_scan=True) are not supported: the artifact "
+                             "takes one fixed-size image per image; set do_pan_and_scan false in the processor "
+                             "config (preprocessor_config.json)")
+
+    def image_layout(self, model, image_size: tuple[int, int]) -> ImageLayout:
+        vision = model.config.vision_config
+        if tuple(image_size) != (vision.image_size, vision.image_size):
+            side = vision.image_size
+            raise ValueError(f"Gemma 3's vision tower takes {side}x{side} images, got {image_size[0]}x{image_size[1]}")
+        return ImageLayout((1, vision.num_channels, vision.image_size, vision.image_size),
+                           model.config.mm_tokens_per_image, None)
+
+    def image_prompt(self, model, tokenizer) -> dict[str, str]:
+        """The template writes `<start_of_image>`; Gemma3Processor makes it a blank line, the image, a blank line."""
+        config = model.config
+        start, image, end = tokenizer.convert_ids_to_tokens([config.boi_token_index, config.image_token_id,
+                                                             config.eoi_token_index])
+        return {"marker": start, "before": f"\n\n{start}", "token": image, "after": f"{end}\n\n"}
+
+    def preprocessing(self, model, image_processor, image_size: tuple[int, int]) -> dict[str, Any]:
+        return {"resize": "exact"}
+
+    def resize_rule(self) -> str:
+        return "every image resized to the tower's size, aspect ratio not kept (no pan-and-scan), as the processor"
+
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     spec.name: spec for spec in (
         QwenVLSpec("qwen2_vl", Qwen2VLProcessor, window_attention=False),
         QwenVLSpec("qwen2_5_vl", Qwen2_5_VLProcessor, window_attention=True),
         LlavaSpec(),
+        Gemma3Spec(),
     )
 }
 

@@ -9,7 +9,6 @@ here that alters what lands on disk needs its `RECIPE_VERSION` bumped.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from sasa_patcher.architectures import save_processor_without_torchvision
 from sasa_patcher.smollm2 import chat_template, graft_language_model, smollm2_text_fields
 
 SEED = 0
@@ -61,12 +61,24 @@ def seeded_body(model_class: type[PreTrainedModel], config, source: LlamaForCaus
 
 def build_qwen2_5_vl(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, out: Path) -> PreTrainedModel:
     """Qwen2.5-VL body (window-attention tower): same text graft, tokens and processor as smol-qwen-vl."""
-    return build_qwen2_vl(tokenizer, source, out, family="qwen2_5_vl")
+    vision = {"patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2, **QWEN25_VISION,
+              "out_hidden_size": source.config.hidden_size}
+    return _build_qwen(tokenizer, source, out, vision,
+                       (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, "Qwen2_5_VLProcessor"))
 
 
-def build_qwen2_vl(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, out: Path,
-                family: str = "qwen2_vl") -> PreTrainedModel:
-    """Qwen2-VL (or Qwen2.5-VL) body; writes the tokenizer, chat template and processor config into `out`."""
+def build_qwen2_vl(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, out: Path) -> PreTrainedModel:
+    """Qwen2-VL body; writes the tokenizer, chat template and processor config into `out`."""
+    vision = {"depth": 2, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 4, "hidden_size": source.config.hidden_size,
+              "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    return _build_qwen(tokenizer, source, out, vision,
+                       (Qwen2VLConfig, Qwen2VLForConditionalGeneration, "Qwen2VLProcessor"))
+
+
+def _build_qwen(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM, out: Path, vision: dict,
+                classes: tuple[type, type, str]) -> PreTrainedModel:
+    """A Qwen-VL body around SmolLM2's decoder: (config class, model class, processor class name) and its tower."""
+    config_class, model_class, processor_class = classes
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
     tokenizer.chat_template = chat_template(QWEN_IMAGE_MARKER)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
@@ -79,22 +91,6 @@ def build_qwen2_vl(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM,
         "rope_theta": source.config.rope_parameters["rope_theta"],
         "mrope_section": QWEN_MROPE_SECTION,
     }
-    vision = {
-        "depth": 2,
-        "embed_dim": 128,
-        "num_heads": 4,
-        "mlp_ratio": 4,
-        "hidden_size": source.config.hidden_size,
-        "patch_size": PATCH_SIZE,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    }
-    config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, "Qwen2VLProcessor"
-    if family == "qwen2_5_vl":
-        vision = {**{key: vision[key] for key in ("patch_size", "spatial_merge_size", "temporal_patch_size")},
-                  **QWEN25_VISION, "out_hidden_size": source.config.hidden_size}
-        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-        processor_class = "Qwen2_5_VLProcessor"
     config = config_class(
         text_config=text,
         vision_config=vision,
@@ -113,18 +109,8 @@ def build_qwen2_vl(tokenizer: PreTrainedTokenizerBase, source: LlamaForCausalLM,
         merge_size=vision["spatial_merge_size"],
         temporal_patch_size=vision["temporal_patch_size"],
     )
-    image_config = image_processor.to_dict()
-    # Written by hand because `Qwen2VLProcessor` cannot be built without torchvision (see
-    # processors.image_only). This is the layout its own `save_pretrained` writes, so `AutoProcessor`
-    # loads it, with the matching video processor, wherever torchvision is installed.
-    video_config = {key: image_config[key] for key in ("size", "patch_size", "temporal_patch_size", "merge_size")}
-    processor_config = {
-        "processor_class": processor_class,
-        "image_processor": image_config,
-        "video_processor": {"video_processor_type": "Qwen2VLVideoProcessor", **video_config},
-    }
     tokenizer.save_pretrained(out)  # tokenizer files and chat_template.jinja
-    (out / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+    save_processor_without_torchvision(processor_class, image_processor.to_dict(), out)
     return model
 
 

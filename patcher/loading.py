@@ -17,6 +17,7 @@ ALIASES: dict[str, str] = {
     "qwen-vl": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2.5-vl": "Qwen/Qwen2.5-VL-3B-Instruct",
     "llava": "llava-hf/llava-1.5-7b-hf",
+    "gemma3": "google/gemma-3-4b-it",
 }
 DEFAULT_MODEL = "smol-qwen-vl"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     DynamicCache,
+    Gemma3ForConditionalGeneration,
     LlavaForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.utils import ModelOutput
 
@@ -172,6 +174,11 @@ class SasaCache(DynamicCache):
     def __init__(self, config, enforce_refusal: bool = False):
         super().__init__(config=config)
         self.projected = DynamicCache(config=config)
+        # Sliding-window layers (Gemma 3) keep every position, as full layers: the mask applies the window,
+        # and every layer's cache stays one length (the ONNX decoder's flat past/present tensors).
+        for cache in (self, self.projected):
+            cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer
+                            for layer in cache.layers]
         self.enforce_refusal = enforce_refusal
         self.prompt_length: int | None = None
         self.unsafe_prob: torch.Tensor | None = None
@@ -288,8 +295,17 @@ class SasaMixin:
     def sasa_forget_multimodal_state(self) -> None:
         """Clear per-prompt state the base class keeps on the module between calls (none for most families)."""
 
+    def sasa_masks(self, text_model, inputs_embeds, attention_mask, cache, text_pos, multimodal: dict) -> dict:
+        """The attention mask of each layer type; `multimodal` holds the family's extra inputs (e.g. token types)."""
+        return self._masks(text_model, inputs_embeds, attention_mask, cache, text_pos)
+
+    def sasa_rotary(self, text_model, inputs_embeds, rope_pos):
+        """The rotary embeddings the layers take: one pair, or a dict by layer type (Gemma 3: local and global)."""
+        return text_model.rotary_emb(inputs_embeds, rope_pos)
+
     # ----- the two passes -------------------------------------------------------------------
-    def _masks(self, text_model, inputs_embeds, attention_mask, cache, text_pos) -> dict:
+    def _masks(self, text_model, inputs_embeds, attention_mask, cache, text_pos, **overlay) -> dict:
+        """The causal (and sliding-window) masks; `overlay`: extra mask arguments (Gemma 3's image blocks)."""
         if isinstance(attention_mask, dict):
             return attention_mask
         kwargs = dict(
@@ -298,6 +314,7 @@ class SasaMixin:
             attention_mask=attention_mask,
             position_ids=text_pos,
             **{CACHE_KEY: cache},
+            **overlay,
         )
         masks = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in self._layer_types(text_model):
@@ -318,7 +335,7 @@ class SasaMixin:
             hidden = text_model.layers[index](
                 hidden,
                 attention_mask=masks[layer_types[index]],
-                position_embeddings=rotary,
+                position_embeddings=rotary[layer_types[index]] if isinstance(rotary, dict) else rotary,
                 position_ids=text_pos,
                 use_cache=layer_cache is not None,
                 **{CACHE_KEY: layer_cache},
@@ -517,8 +534,8 @@ class SasaMixin:
         text_pos, rope_pos = self.sasa_positions(
             position_ids, input_ids, attention_mask, past_length, embeds, cache, multimodal
         )
-        masks = self._masks(text_model, embeds, attention_mask, cache, text_pos)
-        return embeds, text_pos, masks, text_model.rotary_emb(embeds, rope_pos)
+        masks = self.sasa_masks(text_model, embeds, attention_mask, cache, text_pos, multimodal)
+        return embeds, text_pos, masks, self.sasa_rotary(text_model, embeds, rope_pos)
 
     def _force_refusal(self, logits: torch.Tensor, cache: SasaCache, step: int) -> torch.Tensor:
         """Gate mode during generation: flagged rows emit the refusal tokens, then end-of-sequence."""
@@ -659,12 +676,78 @@ class SasaLlavaForConditionalGeneration(SasaMixin, LlavaForConditionalGeneration
         return position_ids, position_ids
 
 
+class SasaGemma3ForConditionalGeneration(SasaMixin, Gemma3ForConditionalGeneration):
+    """Gemma 3 (SigLIP tower + pooled projector + Gemma 3 text model) with SASA: 1-D rotary positions, local
+    (sliding-window) and global layers with their own rotary bases, bidirectional attention inside each image.
+
+    `token_type_ids` (1 at image tokens, the processor's output) is the one extra input: with it the masks let
+    the tokens of one image attend to each other in both directions, as the base model does.
+    """
+
+    _sasa_architecture = "gemma3"
+
+    def init_sasa(self, settings: SasaSettings) -> None:
+        text = self.config.get_text_config()
+        if text.final_logit_softcapping is not None:
+            raise ValueError("Gemma 3 with final_logit_softcapping is not supported: the patched streams read the "
+                             "logits through lm_head alone (no published Gemma 3 checkpoint sets it)")
+        if self.config.mm_tokens_per_image > text.sliding_window:
+            raise ValueError(f"an image of {self.config.mm_tokens_per_image} tokens exceeds the sliding window "
+                             f"({text.sliding_window}): the sliding layers' image-block mask assumes it fits")
+        super().init_sasa(settings)
+
+    def sasa_input_embeddings(self, input_ids, inputs_embeds, multimodal: dict) -> torch.Tensor:
+        if inputs_embeds is None and input_ids is not None and self.config.image_token_id >= self.model.vocab_size:
+            # An image token outside the vocabulary embeds as pad, as the base model does
+            inputs_embeds = self.model.get_input_embeddings()(input_ids.masked_fill(
+                input_ids == self.config.image_token_id, 0))
+        return super().sasa_input_embeddings(input_ids, inputs_embeds, multimodal)
+
+    def sasa_image_mask(self, input_ids, inputs_embeds, features: torch.Tensor) -> torch.Tensor:
+        return self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=features)
+
+    def sasa_image_features(self, multimodal: dict) -> torch.Tensor:
+        features = self.model.get_image_features(multimodal["pixel_values"], return_dict=True).pooler_output
+        return features.reshape(-1, features.shape[-1])
+
+    def sasa_positions(self, position_ids, input_ids, attention_mask, past_length, embeds, cache, multimodal):
+        if position_ids is None:
+            batch, seq_len = embeds.shape[:2]
+            position_ids = text_positions(attention_mask, past_length, seq_len, batch, embeds.device)
+        return position_ids, position_ids
+
+    def sasa_masks(self, text_model, inputs_embeds, attention_mask, cache, text_pos, multimodal: dict) -> dict:
+        """With `token_type_ids` ([B, chunk], 1 = image token): causal OR same-image block, as Gemma 3 masks.
+
+        The sliding layers get OR(sliding causal, block), index-based (traceable; the base model's AND(window,
+        OR(causal, block)) goes through vmap, which torch.export cannot trace inside the probe's branch):
+        the same mask while an image's tokens fit the window (256 <= 1024 in every Gemma 3; checked at init).
+        """
+        token_types = multimodal.get("token_type_ids")
+        if token_types is None:
+            return super().sasa_masks(text_model, inputs_embeds, attention_mask, cache, text_pos, multimodal)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            past = attention_mask.shape[-1] - inputs_embeds.shape[1]
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
+        # Block ids index absolute positions: the chunk's token types sit after the past.
+        is_image = F.pad(token_types.to(inputs_embeds.device) == 1, (past, 0))
+        starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
+        blocks = torch.where(is_image, torch.cumsum(starts.long(), -1) - 1, -1)
+        return self._masks(text_model, inputs_embeds, attention_mask, cache, text_pos, block_sequence_ids=blocks)
+
+    def sasa_rotary(self, text_model, inputs_embeds, rope_pos) -> dict:
+        return {kind: text_model.rotary_emb(inputs_embeds, rope_pos, kind) for kind in dict.fromkeys(
+            self._layer_types(text_model))}
+
+
 SASA_CLASSES: dict[str, type[SasaMixin]] = {
     cls._sasa_architecture: cls
     for cls in (
         SasaQwen2VLForConditionalGeneration,
         SasaQwen2_5_VLForConditionalGeneration,
         SasaLlavaForConditionalGeneration,
+        SasaGemma3ForConditionalGeneration,
     )
 }
 

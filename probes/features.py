@@ -148,11 +148,12 @@ def encode_prompts(processor, prompts: Sequence) -> dict[str, torch.Tensor]:
     usual ones (a template without BOS keeps the BOS the model was trained with).
     """
     texts = prompt_texts(processor, prompts)
-    images = [load_image(prompt.image) for prompt in prompts if getattr(prompt, "image", None) is not None]
+    # one list per prompt (empty for text): the batched form every processor takes (Gemma 3's needs it)
+    images = [[load_image(prompt.image)] if getattr(prompt, "image", None) is not None else [] for prompt in prompts]
     bos = getattr(_tokenizer(processor), "bos_token", None)
     starts_with_bos = bool(bos) and bool(texts) and texts[0].startswith(bos)
     kwargs: dict = {"text": texts, "padding": True, "return_tensors": "pt", "add_special_tokens": not starts_with_bos}
-    if images:
+    if any(images):
         kwargs["images"] = images
     with padding_side(processor, "left"):
         batch = processor(**kwargs)

@@ -18,7 +18,7 @@ def test_every_adapter_has_a_spec_and_every_spec_an_adapter():
 
 def test_unknown_architecture_names_the_supported_ones():
     with pytest.raises(ValueError, match="llava"):
-        spec_for("gemma3")
+        spec_for("mllama")
 
 
 def test_spec_matches_the_patched_model(family):
@@ -31,3 +31,17 @@ def test_spec_matches_the_patched_model(family):
     # The trace example has the rank the decoder graph declares.
     positions = spec.trace_positions(torch.zeros(2, 3, dtype=torch.long))
     assert positions.shape == ((2, 3) if spec.position_rows == 1 else (spec.position_rows, 2, 3))
+
+
+def test_gemma3_refuses_pan_and_scan_with_the_fix():
+    """Pan-and-scan crops are more images than the prompt shows: refused before any export work."""
+    from tiny_calibration import tiny_processor
+    from tiny_models import build_gemma3
+
+    model = patch_model(build_gemma3(), SasaSettings(1, 2))
+    processor = tiny_processor("gemma3")
+    spec = spec_for(model)
+    spec.check_image_size(model, processor, spec.default_image_size(model))
+    processor.image_processor.do_pan_and_scan = True
+    with pytest.raises(ValueError, match="do_pan_and_scan"):
+        spec.check_image_size(model, processor, spec.default_image_size(model))

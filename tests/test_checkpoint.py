@@ -23,7 +23,6 @@ from sasa_patcher.export.base_weights import (
     SINGLE_AS_SHARD,
     checkpoint_state_dict,
     read_safetensors_header,
-    tensor_digests,
 )
 from sasa_patcher.export.checkpoint import SASA_TENSORS, write_safetensors_artifact
 from sasa_patcher.export.model_card import CardInfo
@@ -32,6 +31,16 @@ from sasa_patcher.patching import patch_model
 from tiny_models import FAMILIES, build_qwen2_vl
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def tensor_digests(path: Path) -> dict[str, str]:
+    """sha256 of every tensor's raw bytes in a safetensors file (the byte-identity checks below)."""
+    import hashlib
+
+    start, header = read_safetensors_header(path)
+    data = path.read_bytes()
+    return {name: hashlib.sha256(data[start + entry["data_offsets"][0]:start + entry["data_offsets"][1]]).hexdigest()
+            for name, entry in header.items()}
 MODELING_FILE = ROOT / "patcher" / "modeling_sasa.py"
 PATCH_KEYS = {"architectures", "auto_map", "sasa"}
 

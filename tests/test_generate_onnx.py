@@ -97,8 +97,11 @@ def artifact(tmp_path_factory):
     return SimpleNamespace(model=model, processor=processor, root=out, onnx=out / "onnx")
 
 
-def run_script(artifact_dir: Path, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run the script with torch, transformers and onnx unimportable; record every module it loaded."""
+def run_script(artifact_dir: Path, *args: str, tmp_path: Path, runtime: str = "onnxruntime"
+               ) -> subprocess.CompletedProcess:
+    """Run the script with torch, transformers and onnx unimportable; record every module it loaded.
+
+    `runtime` is pinned (never `auto`): a test of the project's runtime must not pass through GenAI's."""
     modules_file = tmp_path / "modules.json"
     prelude = (
         "import sys, json, atexit, runpy\n"
@@ -108,7 +111,8 @@ def run_script(artifact_dir: Path, *args: str, tmp_path: Path) -> subprocess.Com
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
-    result = subprocess.run([sys.executable, "-c", prelude, str(SCRIPT), str(artifact_dir), *args, "--cpu"],
+    result = subprocess.run([sys.executable, "-c", prelude, str(SCRIPT), str(artifact_dir), *args, "--cpu",
+                             "--runtime", runtime],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = {name.split(".")[0] for name in json.loads(modules_file.read_text()) if not name.startswith("_")}
@@ -299,7 +303,6 @@ def test_bad_input_is_one_error_line_and_exit_2(artifact, tmp_path, capsys, case
 @pytest.fixture(scope="module")
 def genai_artifact(tmp_path_factory) -> Path:
     """The tiny Qwen2.5-VL of tests/tiny_genai.py (gate mode), exported once: an ONNX directory GenAI loads."""
-    pytest.importorskip("onnxruntime_genai")
     from tiny_genai import exported
 
     return exported(tmp_path_factory)[0]
@@ -350,14 +353,16 @@ GENAI_MESSAGES = {
     "genai-config-without-decoder-file": ("genai_config.json lacks model.decoder.filename: re-export the artifact",
                                           "genai_config.json lacks model.decoder.filename: re-export the artifact"),
     "genai-config-not-json": ("genai_config.json is not readable JSON", "genai_config.json"),
+    # auto: sasa_onnx.json keeps its own graphs, so the project's runtime serves the artifact (test below)
     "genai-config-missing": ("genai_config.json is missing: copy it with the artifact or re-export the artifact",
-                             "lacks the key 'graphs'"),
+                             None),
     "prompt-beyond-context": ("context length is 2048: shorten the prompt",) * 2,
 }
 
 
-@pytest.mark.parametrize("runtime", ["genai", "auto"])
-@pytest.mark.parametrize("case", list(GENAI_MESSAGES))
+@pytest.mark.parametrize("case,runtime", [(case, runtime) for case, messages in GENAI_MESSAGES.items()
+                                          for runtime, message in zip(("genai", "auto"), messages, strict=True)
+                                          if message is not None])
 def test_bad_input_is_one_error_line_and_exit_2_in_genai(genai_artifact, tmp_path, capsys, case, runtime):
     from sasa_patcher.cli.generate_onnx import main
 
@@ -370,6 +375,18 @@ def test_bad_input_is_one_error_line_and_exit_2_in_genai(genai_artifact, tmp_pat
     assert all(fragment in captured.err for fragment in ([expected] if isinstance(expected, str) else expected)), \
         captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_auto_serves_an_artifact_without_genai_config(genai_artifact, tmp_path, capsys):
+    """sasa_onnx.json keeps its graphs (position rows included) when GenAI's files are written: with
+    genai_config.json gone, --runtime auto serves the artifact with the project's runtime."""
+    from sasa_patcher.cli.generate_onnx import main
+
+    directory, extra = genai_bad_artifacts(genai_artifact, tmp_path)["genai-config-missing"]
+    assert main([str(directory), "--prompt", "Describe this image.", "--cpu", "--runtime", "auto",
+                 "--max-new-tokens", "4", *extra]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "Traceback" not in captured.err
 
 
 def test_answer_budget_is_cut_to_the_context_with_a_warning(artifact):

@@ -18,6 +18,7 @@ def test_aliases_name_the_documented_models():
         "qwen-vl": "Qwen/Qwen2-VL-2B-Instruct",
         "qwen2.5-vl": "Qwen/Qwen2.5-VL-3B-Instruct",
         "llava": "llava-hf/llava-1.5-7b-hf",
+        "gemma3": "google/gemma-3-4b-it",
     }
 
 

@@ -20,12 +20,14 @@ from sasa_patcher.export.onnx_parity import LOGITS_TOLERANCE, PARITY_NEW_TOKENS,
 from sasa_patcher.export.onnx_runtime import OnnxVlm
 from sasa_patcher.modeling_sasa import SasaSettings
 from sasa_patcher.patching import patch_model
-from tiny_models import FAMILIES, LLAVA_IMAGE_SIZE
+from tiny_models import FAMILIES, GEMMA_IMAGE_SIZE, LLAVA_IMAGE_SIZE
 
 S, F = 1, 3
 FAMILY = {family.name: family for family in FAMILIES}
-TINY_IMAGE_SIZE = {"qwen2_vl": (56, 56), "qwen2_5_vl": (56, 56), "llava": (LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE)}
-EXPORTS = [("qwen2_vl", "gate"), ("qwen2_vl", "augment"), ("qwen2_5_vl", "gate"), ("llava", "gate")]
+TINY_IMAGE_SIZE = {"qwen2_vl": (56, 56), "qwen2_5_vl": (56, 56), "llava": (LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE),
+                   "gemma3": (GEMMA_IMAGE_SIZE, GEMMA_IMAGE_SIZE)}
+EXPORTS = [("qwen2_vl", "gate"), ("qwen2_vl", "augment"), ("qwen2_5_vl", "gate"), ("llava", "gate"),
+           ("gemma3", "gate")]
 
 
 def tiny_patched(name: str, mode: str):
@@ -161,11 +163,11 @@ def two_image_case(grids: list[list[int]], text: int = 6) -> dict:
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
 def test_two_images_of_different_sizes_generate_like_pytorch(exported, name):
-    from sasa_patcher.export.onnx_parity import compare_case
+    from sasa_patcher.export.onnx_parity import compare_references, torch_reference
 
     model, out, _ = exported(name, "gate")
-    runtime = OnnxVlm(out, providers=["CPUExecutionProvider"])
-    figures = compare_case(model, runtime, two_image_case([[1, 8, 12], [1, 6, 4]]), max_new_tokens=8)
+    reference = torch_reference(model, two_image_case([[1, 8, 12], [1, 6, 4]]), max_new_tokens=8)
+    figures = compare_references(out, [reference], max_new_tokens=8)["cases"][0]
     assert figures["images"] == 2 and figures["image_features_max_abs_diff"] <= 1e-5, figures
     assert figures["logits_max_abs_diff"] <= LOGITS_TOLERANCE, figures
     assert figures["unsafe_prob_max_abs_diff"] <= PROB_TOLERANCE and figures["tokens_identical"], figures
@@ -283,3 +285,29 @@ def test_decoder_export_keeps_no_weight_alive(tmp_path):
     del model
     gc.collect()
     assert [name for name, ref in weights.items() if ref() is not None] == []
+
+
+def test_gemma3_artifact_with_its_processor_prompts_and_generates_like_pytorch(tmp_path):
+    """Gemma 3 through the processor path: the parity cases rendered by the real Gemma3Processor (text, image,
+    mixed batch), and the runtime's own prompt (the template's <start_of_image> expanded as the processor does)."""
+    from PIL import Image
+
+    from tiny_calibration import tiny_processor
+
+    model, processor = tiny_patched("gemma3", "gate"), tiny_processor("gemma3")
+    summary = export_onnx(model, processor, tmp_path / "onnx", image_size=TINY_IMAGE_SIZE["gemma3"])
+    assert summary["parity"]["passed"], summary["parity"]["worst"]
+    assert any(case["images"] for case in summary["parity"]["cases"])
+    config = json.loads((tmp_path / "onnx" / CONFIG_NAME).read_text())
+    assert config["genai_type"] is None and "genai_files" not in config  # GenAI cannot feed token_type_ids
+    decoder = config["graphs"]["decoder"]
+    assert list(decoder["extra_inputs"]) == ["token_type_ids"] and decoder["inputs"][-1] == "token_type_ids"
+    runtime = OnnxVlm(tmp_path / "onnx", providers=["CPUExecutionProvider"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    ids, prepared = runtime.encode_prompt("what is here?", image)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": "what is here?"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    expected = processor(text=[text], images=[[image]], return_tensors="pt")
+    assert ids.tolist() == expected["input_ids"].tolist()
+    assert np.abs(prepared[0].pixel_values - expected["pixel_values"].numpy()).max() <= 1e-5

@@ -22,7 +22,8 @@ from sasa_patcher.export.onnx_export import export_onnx
 from sasa_patcher.export.onnx_float32 import kept_float32_nodes
 from sasa_patcher.export.onnx_names import CONFIG_NAME, DECODER_FILE, PARITY_NAME
 from sasa_patcher.export.onnx_precision import PRECISION_NAME, PrecisionError, convert_onnx_dir
-from sasa_patcher.export.onnx_precision_parity import compare_runs, replace_with_precision, run_cases
+from sasa_patcher.export.onnx_precision_parity import compare_runs, default_cases, replace_with_precision, run_cases
+from tiny_calibration import tiny_processor
 
 INT4_PROB_TOLERANCE = 0.15
 INT4_LOGITS_RELATIVE_TOLERANCE = 0.25
@@ -50,8 +51,9 @@ def _nodes(model):
 @pytest.fixture(scope="module")
 def fp32_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("precision-fp32") / "onnx"
-    export_onnx(tiny_patched("qwen2_vl", "gate"), None, out, image_size=TINY_IMAGE_SIZE["qwen2_vl"],
-                parity_cases=tiny_cases("qwen2_vl")[:1])
+    # with the tiny processor: the artifact has a tokenizer, so the precision step renders its prompts
+    export_onnx(tiny_patched("qwen2_vl", "gate"), tiny_processor("qwen2_vl"), out,
+                image_size=TINY_IMAGE_SIZE["qwen2_vl"], parity_cases=tiny_cases("qwen2_vl")[:1])
     return out
 
 
@@ -141,15 +143,32 @@ def test_fp16_weights_half_probe_and_projection_float32_io_float32(converted, fp
     assert figures["tokens_identical_cases"] == figures["cases"], figures
 
 
-def test_replace_with_precision_records_the_comparison_in_parity_json(fp32_dir, tmp_path):
+def test_replace_with_precision_compares_text_and_image_prompts_and_flags(fp32_dir, tmp_path):
+    """The pipeline's convert-measure-swap step run for real: the comparison renders its prompts (one with an
+    image) and flags them at the stored threshold, set in the widest gap between the fp32 probabilities so both
+    sides occur; the flag agreement is what the two runs' probabilities give at that threshold."""
     import shutil
 
+    cases = default_cases()
+    assert any(image is not None for _, image in cases)
+    probabilities = sorted(r["unsafe_prob"] for r in run_cases(fp32_dir, cases, NEW_TOKENS)["results"])
+    threshold = max((high - low, (high + low) / 2) for low, high in zip(probabilities, probabilities[1:],
+                                                                          strict=False))[1]
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(fp32_dir, onnx_dir)
+    config = json.loads((onnx_dir / CONFIG_NAME).read_text())
+    config["sasa"]["threshold"] = threshold
+    (onnx_dir / CONFIG_NAME).write_text(json.dumps(config))
     record = replace_with_precision(onnx_dir, "int4")
     parity = json.loads((onnx_dir / PARITY_NAME).read_text())
     assert parity["precision"]["precision"] == "int4" and "parity" in parity  # the fp32 figures stay
-    assert "skipped" in record["parity"]  # the tiny artifact has no tokenizer to render prompts with
+    figures = record["parity"]
+    assert "skipped" not in figures and figures["cases"] == len(cases), figures
+    fp32, int4 = (np.array(figures["unsafe_prob"][name]) > threshold for name in ("fp32", "int4"))
+    assert 0 < fp32.sum() < len(cases)  # flagged and unflagged prompts both occur
+    assert figures["flagged"] == {"reference": int(fp32.sum()), "candidate": int(int4.sum())}
+    assert figures["flag_agreement"] == pytest.approx(float((fp32 == int4).mean()))
+    assert figures["unsafe_prob_max_abs_diff"] <= INT4_PROB_TOLERANCE, figures
     assert (onnx_dir / PRECISION_NAME).is_file() and not (tmp_path / "onnx.int4").exists()
     with pytest.raises(PrecisionError, match="already int4"):
         convert_onnx_dir(onnx_dir, tmp_path / "again", "int4")
@@ -189,3 +208,4 @@ def test_patch_cli_unknown_precision_exit_2_one_line(tmp_path, capsys):
     assert patch_cli.main([*argv, "--onnx-precision", "int4", "--format", "safetensors"]) == 2
     assert "add onnx to --format" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+

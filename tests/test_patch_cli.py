@@ -42,7 +42,7 @@ def test_unknown_alias_missing_dir_unsupported_arch(capsys, tmp_path):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     code, err = run_main(capsys, ["--model", str(bert), "--out", str(out)])
-    assert code == 2 and "supported are llava, qwen2_5_vl, qwen2_vl" in err
+    assert code == 2 and "supported are gemma3, llava, qwen2_5_vl, qwen2_vl" in err
     assert not out.exists()
 
 
@@ -53,6 +53,24 @@ def test_existing_output_needs_force(capsys, tiny_dir, tmp_path):
     code, err = run_main(capsys, ["--model", str(tiny_dir), "--out", str(out)])
     assert code == 2 and "--force" in err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_default_formats_then_force_into_the_existing_directory(capsys, tiny_dir, tmp_path):
+    """What a user runs with no --format: safetensors and the ONNX branch (with its parity check); then the same
+    --out again with --force (safetensors only, to keep the test short): the directory is replaced as a whole."""
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_dir), "--out", str(out), "--calibration", "none"]
+    code, err = run_main(capsys, argv + ["--layers", "1,3"])
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["sasa"]["semantic_layer"] == 3
+    parity = json.loads((out / "onnx" / "parity.json").read_text())["parity"]
+    assert parity["passed"] and {case["name"] for case in parity["cases"]} >= {"image-batch1", "text-batch1"}
+    assert json.loads((out / "onnx" / "sasa_onnx.json").read_text())["sasa"]["semantic_layer"] == 3
+    code, err = run_main(capsys, argv + ["--layers", "1,4", "--format", "safetensors", "--force"])
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["sasa"]["semantic_layer"] == 4
+    assert not (out / "onnx").exists()  # the old artifact is gone, not mixed with the new one
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no staging left behind
 
 
 def test_unreadable_adapter(capsys, tiny_dir, tmp_path):

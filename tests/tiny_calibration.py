@@ -14,6 +14,8 @@ from PIL import Image
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPImageProcessorPil,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2VLImageProcessorPil,
@@ -35,8 +37,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def char_tokenizer(image_tokens: dict[str, int]) -> PreTrainedTokenizerFast:
-    """Lower-cased characters as tokens; pad 0 and end-of-turn 1 as in tiny_models; image tokens at given ids."""
+def char_tokenizer(image_tokens: dict[str, int], named: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """Lower-cased characters as tokens; pad 0 and end-of-turn 1 as in tiny_models; image tokens at given ids;
+    `named`: special tokens the processor reads as tokenizer attributes (Gemma 3's `boi_token`, ...)."""
     vocab = {"<pad>": tm.PAD, "<|im_end|>": tm.EOS, "<|im_start|>": 2, "<unk>": 3}
     for char in string.ascii_lowercase + string.digits + " \n.,?!'-:;":
         vocab[char] = len(vocab)
@@ -47,7 +50,7 @@ def char_tokenizer(image_tokens: dict[str, int]) -> PreTrainedTokenizerFast:
     model.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return PreTrainedTokenizerFast(
         tokenizer_object=model, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", *image_tokens],
+        additional_special_tokens=["<|im_start|>", *image_tokens], **({"extra_special_tokens": named} if named else {}),
     )
 
 
@@ -68,6 +71,14 @@ def tiny_processor(family: str):
         return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               chat_template=CHAT_TEMPLATE.replace("IMAGE", "<image>"))
+    if family == "gemma3":
+        named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        tokenizer = char_tokenizer({"<start_of_image>": tm.VISION_START, "<end_of_image>": tm.VISION_END,
+                                    "<image_soft_token>": tm.IMAGE_TOKEN}, named)
+        side = tm.GEMMA_IMAGE_SIZE
+        images = Gemma3ImageProcessorPil(size={"height": side, "width": side}, do_pan_and_scan=False)
+        return Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=tm.GEMMA_IMAGE_TOKENS,
+                               chat_template=CHAT_TEMPLATE.replace("IMAGE", "<start_of_image>"))
     raise ValueError(family)
 
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -157,8 +160,45 @@ def llava_batch(lengths: list[int], images: list[bool], side: str = "left", seed
     return batch
 
 
+# ----- Gemma 3 -----------------------------------------------------------------------------------
+GEMMA_IMAGE_SIZE = 56  # 4x4 SigLIP patches of 14, average-pooled 2x2 -> 4 image tokens
+GEMMA_IMAGE_TOKENS = 4
+
+
+def build_gemma3() -> Gemma3ForConditionalGeneration:
+    """Layers 0-1 and 3-4 local (window of 4 tokens, shorter than the prompts), 2 and 5 global."""
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(**_text_config(), head_dim=16, sliding_window=4,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=GEMMA_IMAGE_SIZE, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=GEMMA_IMAGE_TOKENS,
+                          image_token_index=IMAGE_TOKEN, boi_token_index=VISION_START, eoi_token_index=VISION_END,
+                          tie_word_embeddings=False)
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def gemma3_batch(lengths: list[int], images: list[bool], side: str = "left", seed: int = 0) -> dict:
+    """As Gemma3Processor: `<start_of_image>`, the image tokens, `<end_of_image>`; token_type_ids 1 at image tokens."""
+    rows, pixels = [], []
+    for index, (length, has_image) in enumerate(zip(lengths, images, strict=True)):
+        text = _prompt_ids(length, seed + index)
+        if has_image:
+            text = text[:2] + [VISION_START] + [IMAGE_TOKEN] * GEMMA_IMAGE_TOKENS + [VISION_END] + text[2:]
+            generator = torch.Generator().manual_seed(seed + 100 + index)
+            pixels.append(torch.randn(3, GEMMA_IMAGE_SIZE, GEMMA_IMAGE_SIZE, generator=generator))
+        rows.append(text)
+    input_ids, attention_mask = _pad(rows, side)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "token_type_ids": (input_ids == IMAGE_TOKEN).long()}
+    if pixels:
+        batch["pixel_values"] = torch.stack(pixels)
+    return batch
+
+
 FAMILIES = [
     TinyFamily("qwen2_vl", build_qwen2_vl, qwen_batch),
     TinyFamily("qwen2_5_vl", build_qwen2_5_vl, qwen_batch),
     TinyFamily("llava", build_llava, llava_batch),
+    TinyFamily("gemma3", build_gemma3, gemma3_batch),
 ]
