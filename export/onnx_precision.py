@@ -14,13 +14,15 @@
 What stays float32 in every precision (the issue's rule: the probe head, the projection and the
 threshold comparison): found in the exported decoder by structure, not by guessed names:
 
-- the probe head: every node that reads a `sasa_probe.*` initialiser, and every node after it up
+- the probe head: every node that reads a `sasa_probe.linear.*` initialiser, and every node after it up
   to the graph output (Gemm/MatMul, Add, Sigmoid, Squeeze: the value that becomes `unsafe_prob`);
 - the projection: each `Div` whose numerator is a `ReduceSum` (alpha = <H_s, W H_f> / (<W H_f, W H_f>
   + eps)), its ReduceSums, their Muls, the eps Add, the semantic map W (the MatMul with a constant
   weight feeding those Muls) and the Mul alpha * W H_f;
 - `unsafe_prob` itself: the decoder's probe `If` keeps that output float32 in both branches;
-- the threshold comparison happens in the runtime (numpy, float32), as in fp32.
+- the gate's threshold comparison (`unsafe_prob > threshold`, the node reading `unsafe_prob` in the
+  decoder graph); the gate's state and forced logits after it hold small integers and 0 / -1e4, exact
+  in float16.
 
 int4 leaves these nodes out of the quantizer (`nodes_to_exclude`); fp16 passes them as the
 converter's `node_block_list`, then repairs what the converter does not do for nodes inside an `If`

@@ -201,8 +201,10 @@ def sasa_gate(
     unflagged row's logits are returned untouched. Returns (logits, state).
     """
     state_dtype = past_state.dtype
-    fresh = torch.stack([(unsafe_prob.float() > threshold.float()).to(state_dtype), torch.zeros_like(past_state[:, 1])],
-                        -1)
+    # threshold as a [1] tensor: a graph optimiser that merges equal scalar constants (onnxscript's) would
+    # otherwise fold a threshold of 0.5 into the layers' own 0.5 constants
+    flag = unsafe_prob.float() > threshold.float().reshape(1)
+    fresh = torch.stack([flag.to(state_dtype), torch.zeros_like(past_state[:, 1])], -1)
     last_index = float(len(refusal_token_ids) - 1)
     advanced = torch.stack([past_state[:, 0], (past_state[:, 1] + 1).clamp(max=last_index)], -1)
     state = torch.where(prompt_step, fresh, advanced)
