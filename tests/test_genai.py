@@ -4,8 +4,9 @@ Only GenAI's own API on the GenAI side, and no gate code: `og.Model`, `create_mu
 `og.Generator`, `get_output("unsafe_prob")` after the prompt step; the decoder graph refuses flagged
 prompts by itself. The PyTorch side is the patched model's forward in a loop with its returned cache
 on GenAI's own token ids and (de-padded) pixels; greedy answers are compared to end-of-sequence.
-Unit: tiny Qwen2-VL and Qwen2.5-VL (tests/tiny_genai.py: a small byte-level BPE tokenizer whose Qwen special tokens have low ids, so the ids provably come
-from the config). Integration: the embedded smol-qwen2.5-vl (real SmolLM2 weights and tokenizer).
+Unit: tiny Qwen2-VL and Qwen2.5-VL (tests/tiny_genai.py: a small byte-level BPE tokenizer whose Qwen
+special tokens have low ids, so the ids provably come from the config).
+Integration: the embedded smol-qwen2.5-vl (real SmolLM2 weights and tokenizer).
 """
 
 from __future__ import annotations
