@@ -34,14 +34,16 @@ MIXED = ([5, 12, 8], [True, False, True])  # the mixed batch: lengths, images
 
 
 def tiny_patched(name: str, mode: str):
-    """Random probe; gate mode's threshold is the median of the mixed batch's rows, so one row of it is flagged."""
+    """Random probe; gate mode's threshold lies midway between the mixed batch's two highest rows, so one row of it
+    is flagged (far from the threshold: float noise between runtimes cannot flip it)."""
     model = patch_model(FAMILY[name].build(), SasaSettings(S, F, mode=mode, refusal_token_ids=REFUSAL))
     weight = model.sasa_probe.linear.weight
     weight.data = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3
     if mode == "gate":
         with torch.no_grad():
             probs = model(**FAMILY[name].make_batch(*MIXED, side="left"), use_cache=False).unsafe_prob
-        model.set_sasa(dataclasses.replace(model.sasa, threshold=float(probs.median())))
+        highest = probs.sort().values[-2:]
+        model.set_sasa(dataclasses.replace(model.sasa, threshold=float(highest.mean())))
     return model
 
 
