@@ -25,7 +25,7 @@ import tiny_models
 from sasa_patcher.architectures import spec_for
 from sasa_patcher.export.onnx_config import build_config
 from sasa_patcher.export.onnx_export import export_onnx
-from sasa_patcher.export.onnx_names import CONFIG_NAME
+from sasa_patcher.export.onnx_names import CONFIG_NAME, DECODER_FILE
 from sasa_patcher.export.onnx_runtime import OnnxVlm, mrope_positions, preprocess_image
 from sasa_patcher.modeling_sasa import SasaSettings
 from sasa_patcher.patching import patch_model, temporary_settings
@@ -224,7 +224,7 @@ def test_script_refuses_a_flagged_prompt(artifact, tmp_path):
     shutil.copytree(artifact.onnx, flagged)
     config = json.loads((flagged / CONFIG_NAME).read_text())
     with temporary_settings(artifact.model, threshold=0.0):  # every probability passes
-        export_decoder(artifact.model, flagged / config["graphs"]["decoder"]["file"])
+        export_decoder(artifact.model, flagged / DECODER_FILE)
     config["sasa"]["threshold"] = 0.0
     (flagged / CONFIG_NAME).write_text(json.dumps(config))
     refusal = OnnxVlm(flagged).tokenizer.decode(artifact.model.sasa.refusal_token_ids, skip_special_tokens=True)
