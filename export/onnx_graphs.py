@@ -16,8 +16,9 @@ Exporter choices, measured here (torch 2.13, onnxruntime 1.32):
 - decoder: `torch.export.export(strict=False)` with every varying axis `Dim.DYNAMIC` (batch, chunk,
   past), then the dynamo ONNX translation; traced with a past and a chunk of >= 2 tokens so neither
   is specialised (a 1-token prefill and 1-token decode steps are tested). The prompt-only probe pass
-  is a `torch.cond` on "past length == 0", i.e. an ONNX `If`: decode steps skip it. The TorchScript
-  exporter cannot express that branch; named `Dim`s fail the non-strict export (see export_decoder).
+  is a `torch.cond` on the prompt step (past length == 0 or chunk > 1), i.e. an ONNX `If`: decode
+  steps skip it. The TorchScript exporter cannot express that branch; named `Dim`s fail the
+  non-strict export (see export_decoder).
 - vision encoder: the TorchScript exporter (`dynamo=False`). Dynamo fails on the stock Qwen2-VL and
   Qwen2.5-VL towers (`grid_thw.tolist()` becomes an unbacked symbol: "Could not guard on
   data-dependent expression Eq(u0, 0)"); the Qwen towers are traced through a tensor-only rewrite
@@ -130,7 +131,10 @@ class DecoderGraph(nn.Module):
     position_ids (`ArchitectureSpec.position_rows`: [B, T] or [rows, B, T]), then the past
     keys/values of `cache_names(model, "past")` as [B, kv_heads, P, head_dim].
     Outputs: logits [B, T, V], unsafe_prob [B], then `present.*` as [B, kv_heads, P+T, head_dim].
-    `unsafe_prob` is the probe on the chunk's last non-pad token when P == 0 (the prompt), else -1.
+    `unsafe_prob` is the probe on the chunk's last non-pad token on a prompt step (P == 0, or a chunk of
+    several tokens: a new user turn), else -1. Gate mode: the last cache entries are the gate's state layer
+    (`gate_state_layer`) and the logits pass through `sasa_gate`, so a flagged row's greedy tokens are the
+    refusal, with no code in the runtime (`gate=False`: without it, the gate's cost baseline).
 
     `probe=False` (gate mode only) leaves the probe out: `unsafe_prob` is always -1 and the graph serves
     the original stream alone, i.e. it computes exactly the unpatched model's decoder. It is the
