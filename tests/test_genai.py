@@ -27,7 +27,7 @@ from sasa_patcher.modeling_sasa import CACHE_KEY
 
 og = pytest.importorskip("onnxruntime_genai")
 
-EMBEDDED_NEW_TOKENS = 16  # SmolLM2 spells the refusal in 13 tokens
+EMBEDDED_NEW_TOKENS = 16  # SmolLM2 spells the refusal in 13 tokens, then end-of-sequence
 NEW_TOKENS = 40  # the tiny tokenizer spells the refusal in 38 tokens (end-of-sequence included)
 IMAGE_SIZES = ((120, 200), (150, 90))  # (H, W): a wide and a tall image -> grids [1, 8, 14] and [1, 10, 6]
 
