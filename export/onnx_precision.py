@@ -187,6 +187,9 @@ def _repair_fp16(model) -> None:
                 if cast.name.startswith("graph_output_cast") and cast.output[0] in {o.name for o in main.output}:
                     main.node.remove(cast)
                     node.output[position] = cast.output[0]
+                    # the gate's comparison reads it too (directly, or through a Cast added for it)
+                    for reader in [*added, *(n for graph in walk_graphs(main) for n in graph.node)]:
+                        reader.input[:] = [cast.output[0] if name == out else name for name in reader.input]
 
     # 1. each remaining added Cast into the graph whose nodes read its output, before the first reader
     graphs = list(walk_graphs(main))
