@@ -1,4 +1,4 @@
-"""The ONNX directory as ONNX Runtime GenAI loads it (`og.Model(dir)`), and the gate in GenAI's own loop.
+"""The ONNX directory as ONNX Runtime GenAI loads it (`og.Model(dir)`), served by GenAI's own loop.
 
 For families whose spec names a GenAI type (`ArchitectureSpec.genai_type`; the spec also gives the
 family's vision keys and image processor, `genai_sections`) the export adds, next to the graphs and
@@ -12,25 +12,25 @@ family's vision keys and image processor, `genai_sections`) the export adds, nex
     tokenizer.json, tokenizer_config.json (with the chat template)
 
 GenAI rejects unknown keys in `genai_config.json`, so the SASA facts (threshold, refusal, mode) stay
-in `sasa_onnx.json`. GenAI manages one KV cache: only gate-mode artifacts get a GenAI config.
-`unsafe_prob` is an extra decoder output that GenAI binds by itself; read it right after the first
-`generate_next_token()` (the prompt step); later steps overwrite it with -1 ("not computed").
-
-The gate with GenAI alone (`d` is the ONNX directory; the threshold is read from the artifact):
+in `sasa_onnx.json`. GenAI manages one KV cache: only gate-mode artifacts get a GenAI config. The
+gate lives in the decoder graph: `num_hidden_layers` counts the decoder's layers plus the gate's
+state layer (`onnx_graphs.gate_state_layer`), which GenAI carries from step to step like any cache
+layer, and a flagged prompt's logits force the refusal tokens. GenAI's plain greedy loop therefore
+refuses by itself:
 
     import onnxruntime_genai as og
-    from sasa_patcher.export.genai import read_gate
-    gate = read_gate(d)                               # threshold and refusal text stored at export
     model = og.Model(d); processor = model.create_multimodal_processor(); tokenizer = og.Tokenizer(model)
     inputs = processor(prompt, images=og.Images.open(*paths) if paths else None)
     params = og.GeneratorParams(model); params.set_search_options(max_length=4096)
     generator = og.Generator(model, params); generator.set_inputs(inputs)
-    generator.generate_next_token()                   # the prompt step computes the probe
-    if gate.refuses(float(generator.get_output("unsafe_prob")[0])): print(gate.refusal_text)
-    else:
-        tokens = [generator.get_next_tokens()[0]]
-        while not generator.is_done(): generator.generate_next_token(); tokens.append(generator.get_next_tokens()[0])
-        print(tokenizer.decode(tokens))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token(); tokens.append(generator.get_next_tokens()[0])
+    print(tokenizer.decode(tokens))
+
+`unsafe_prob` is an extra decoder output that GenAI binds by itself; reading it is optional (logging,
+metrics): `generator.get_output("unsafe_prob")` right after the first `generate_next_token()` (the prompt
+step); later steps overwrite it with -1 ("not computed").
 
 `prompt` is the chat-templated text with one `<|vision_start|><|image_pad|><|vision_end|>` per image.
 `og.Images.open` uses GenAI's own decoder: PNG and JPEG only, alpha dropped rather than composited over
@@ -44,7 +44,6 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,24 +58,6 @@ SESSION_OPTIONS = {"log_id": "onnxruntime-genai", "provider_options": []}
 
 
 # ----- reading the artifact (torch-free) ----------------------------------------------------------
-@dataclass(frozen=True)
-class Gate:
-    """The stored gate: refuse when `unsafe_prob > threshold` (gate mode with a threshold only)."""
-
-    threshold: float | None
-    refusal_text: str
-    mode: str
-
-    def refuses(self, unsafe_prob: float) -> bool:
-        return self.mode == "gate" and self.threshold is not None and unsafe_prob > self.threshold
-
-
-def read_gate(onnx_dir) -> Gate:
-    """Threshold, refusal text and mode from the artifact's `sasa_onnx.json` (never copied by hand)."""
-    sasa = json.loads((Path(onnx_dir) / CONFIG_NAME).read_text())["sasa"]
-    return Gate(sasa["threshold"], sasa["refusal_text"], sasa["mode"])
-
-
 def has_genai_config(onnx_dir) -> bool:
     return (Path(onnx_dir) / GENAI_CONFIG_NAME).is_file()
 
@@ -250,7 +231,7 @@ def genai_installed() -> bool:
 
 
 class GenAiVlm:
-    """Greedy answers through ONNX Runtime GenAI's own loop, gated with the stored threshold.
+    """Greedy answers through ONNX Runtime GenAI's own loop; the decoder graph refuses flagged prompts itself.
 
     Bad artifacts and inputs raise the project runtime's `ArtifactError`, `ImageError` or `PromptTooLongError`
     (one line each), never GenAI's own exceptions. Images are decoded by Pillow, as in the project's runtime
@@ -267,7 +248,8 @@ class GenAiVlm:
         genai = read_genai_config(self.dir)
         self.config = load_config(self.dir)  # the same checks as the ONNX Runtime path
         try:
-            self.gate = read_gate(self.dir)
+            sasa = self.config["sasa"]
+            self.threshold = sasa["threshold"] if sasa["mode"] == "gate" else None
         except (KeyError, TypeError) as error:
             raise ArtifactError(f"{self.dir / CONFIG_NAME} lacks sasa.{error.args[0] if error.args else ''}: "
                                 "re-export the artifact") from None
@@ -309,10 +291,12 @@ class GenAiVlm:
 
     def generate(self, inputs, max_new_tokens: int = 256,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], float, bool]:
-        """Greedy new tokens (to the end-of-sequence token or the budget), the prompt's unsafe_prob, and whether
-        the gate refused (then no tokens). A prompt beyond the context length raises PromptTooLongError; a
-        budget beyond it is cut to fit, with a warning (as in the project's runtime). `on_token` sees each new
-        token as it comes (streaming; an exception it raises ends the generation)."""
+        """The graph's greedy new tokens (to the end-of-sequence token or the budget; a flagged prompt's are the
+        refusal tokens), the prompt's unsafe_prob, and whether the graph's gate flagged the prompt (reporting).
+
+        `on_token` sees each new token id as it comes (streaming; an exception it raises ends the generation).
+        A prompt beyond the context length raises PromptTooLongError; a budget beyond it is cut to fit, with a
+        warning (as in the project's runtime)."""
         import warnings
 
         from sasa_patcher.export.onnx_runtime import PromptTooLongError
@@ -329,25 +313,20 @@ class GenAiVlm:
         params.set_search_options(max_length=min(length + max_new_tokens, self.context_length), do_sample=False)
         generator = self.og.Generator(self.model, params)
         generator.set_inputs(inputs)
-        generator.generate_next_token()  # the prompt step: the probe's verdict
-        unsafe_prob = float(generator.get_output("unsafe_prob")[0])
-        if self.gate.refuses(unsafe_prob):
-            return [], unsafe_prob, True
         eos = set(self.config["eos_token_id"])
-        tokens = [int(generator.get_next_tokens()[0])]
-        if on_token:
-            on_token(tokens[-1])
-        while not generator.is_done() and tokens[-1] not in eos:
+        tokens: list[int] = []
+        unsafe_prob = float("nan")
+        while not generator.is_done() and not (tokens and tokens[-1] in eos):
             generator.generate_next_token()
+            if not tokens:  # the prompt step: the probe's verdict (optional; the graph has acted on it)
+                unsafe_prob = float(generator.get_output("unsafe_prob")[0])
             tokens.append(int(generator.get_next_tokens()[0]))
-            if on_token:
+            if on_token is not None:
                 on_token(tokens[-1])
-        return tokens, unsafe_prob, False
+        return tokens, unsafe_prob, self.threshold is not None and unsafe_prob > self.threshold
 
     def answer(self, prompt: str, images: list | None = None, max_new_tokens: int = 256) -> str:
-        """Greedy answer to one prompt; the refusal text when the gate flags it."""
-        tokens, _, refused = self.generate(self.inputs(prompt, images), max_new_tokens)
-        if refused:
-            return self.gate.refusal_text
+        """Greedy answer to one prompt (the graph's refusal when gate mode flags it)."""
+        tokens, _, _ = self.generate(self.inputs(prompt, images), max_new_tokens)
         eos = set(self.config["eos_token_id"])
         return self.tokenizer.decode([token for token in tokens if token not in eos])

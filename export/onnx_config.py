@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sasa_patcher.architectures import ImageLayout, spec_for
-from sasa_patcher.export.onnx_graphs import cache_layers, cache_names, text_dims
+from sasa_patcher.export.onnx_graphs import cache_layers, cache_names, gate_state_layer, text_dims
 from sasa_patcher.export.onnx_names import (
     DECODER_FILE,
     EMBED_FILE,
@@ -121,9 +121,11 @@ def build_config(model, processor, layout: ImageLayout, image_size) -> dict[str,
                 "extra_inputs": dict(spec.decoder_extra_inputs),
                 "attention_mask": "int64 [batch, past_sequence_length + sequence_length], 1 = token; left padding",
                 "logits": "float32 [batch, sequence_length, vocab_size] of the serving stream "
-                          "(original in gate mode, projected in augment mode)",
+                          "(original in gate mode, projected in augment mode); gate mode: a flagged row's last "
+                          "position is 0 at its refusal token and -1e4 elsewhere (greedy decoding refuses)",
                 "unsafe_prob": f"float32 [batch]: the probe at the last non-pad token of the chunk when the past is "
-                               f"empty (prefill of the whole prompt); {UNSAFE_PROB_NOT_COMPUTED} on decode steps",
+                               f"empty or the chunk has several tokens (a prompt or a new user turn); "
+                               f"{UNSAFE_PROB_NOT_COMPUTED} on 1-token decode steps",
             },
         },
         "cache": {
@@ -133,7 +135,9 @@ def build_config(model, processor, layout: ImageLayout, image_size) -> dict[str,
             "streams": layers,
             "num_key_value_heads": dims["num_key_value_heads"],
             "head_dim": dims["head_dim"],
-            "num_hidden_layers": dims["num_hidden_layers"],
+            # gate mode: the decoder's layers + the gate's state layer (what GenAI's num_hidden_layers counts)
+            "num_hidden_layers": dims["num_hidden_layers"] + (gate_state_layer(model) is not None),
+            "gate_state_layer": gate_state_layer(model),
         },
         "hidden_size": dims["hidden_size"],
         "num_attention_heads": text_config.num_attention_heads,
@@ -150,7 +154,9 @@ def build_config(model, processor, layout: ImageLayout, image_size) -> dict[str,
             "threshold": settings.threshold,
             "refusal_text": settings.refusal_text,
             "refusal_token_ids": list(settings.refusal_token_ids),
-            "refuse_when": "mode == 'gate' and unsafe_prob > threshold (threshold null: never)",
+            "refuse_when": "mode == 'gate' and unsafe_prob > threshold (threshold null: never); the decoder graph "
+                           "refuses by itself (logits force refusal_token_ids, state in the cache layer "
+                           "cache.gate_state_layer)",
             "metrics": settings.metrics,
         },
         "eos_token_id": eos,

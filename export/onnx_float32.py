@@ -1,8 +1,9 @@
 """What stays float32 when the ONNX graphs change precision, found by graph structure.
 
-The probe head (every node reading a `sasa_probe.*` initialiser and everything after it up to the
-output), the projection (the Div of two ReduceSums, its Muls, the eps Add, the semantic map) and
-the `unsafe_prob` output: export/onnx_precision.py leaves these to float32 in int4 and fp16.
+The probe head (every node reading a `sasa_probe.linear.*` initialiser and everything after it up to
+the output), the projection (the Div of two ReduceSums, its Muls, the eps Add, the semantic map), the
+`unsafe_prob` output and the gate's threshold comparison (the nodes reading `unsafe_prob`):
+export/onnx_precision.py leaves these to float32 in int4 and fp16.
 Nested graphs (the probe's `If` branches) are walked like the main graph.
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-PROBE_INITIALIZER = "sasa_probe"
+PROBE_INITIALIZER = "sasa_probe.linear"  # not the threshold: the gate's comparison is found by its input
+UNSAFE_PROB = "unsafe_prob"
 
 
 def walk_graphs(graph) -> Iterable:
@@ -56,8 +58,10 @@ def kept_float32_nodes(model) -> dict[str, list[str]]:
                 consumers.setdefault(name, []).append(node)
         outputs = {value.name for value in graph.output}
 
-        # the probe head and everything after it in this graph
+        # the probe head and everything after it in this graph; the gate's `unsafe_prob > threshold` (only itself:
+        # its boolean output needs no float32 consumers)
         frontier = [node for node in graph.node if any(PROBE_INITIALIZER in name for name in node.input)]
+        probe.extend(node.name for node in graph.node if UNSAFE_PROB in node.input and node.name not in probe)
         seen: set[str] = set()
         while frontier:
             node = frontier.pop()

@@ -16,8 +16,9 @@ Exporter choices, measured here (torch 2.13, onnxruntime 1.32):
 - decoder: `torch.export.export(strict=False)` with every varying axis `Dim.DYNAMIC` (batch, chunk,
   past), then the dynamo ONNX translation; traced with a past and a chunk of >= 2 tokens so neither
   is specialised (a 1-token prefill and 1-token decode steps are tested). The prompt-only probe pass
-  is a `torch.cond` on "past length == 0", i.e. an ONNX `If`: decode steps skip it. The TorchScript
-  exporter cannot express that branch; named `Dim`s fail the non-strict export (see export_decoder).
+  is a `torch.cond` on the prompt step (past length == 0 or chunk > 1), i.e. an ONNX `If`: decode
+  steps skip it. The TorchScript exporter cannot express that branch; named `Dim`s fail the
+  non-strict export (see export_decoder).
 - vision encoder: the TorchScript exporter (`dynamo=False`). Dynamo fails on the stock Qwen2-VL and
   Qwen2.5-VL towers (`grid_thw.tolist()` becomes an unbacked symbol: "Could not guard on
   data-dependent expression Eq(u0, 0)"); the Qwen towers are traced through a tensor-only rewrite
@@ -43,7 +44,7 @@ from torch import nn
 from sasa_patcher.architectures import ImageLayout, spec_for
 from sasa_patcher.export.onnx_names import UNSAFE_PROB_NOT_COMPUTED
 from sasa_patcher.export.onnx_transposes import fold_weight_transposes
-from sasa_patcher.modeling_sasa import SasaCache, last_token_index
+from sasa_patcher.modeling_sasa import GATE_STATE_SIZE, SasaCache, chunk_masks, last_token_index, sasa_gate
 
 OPSET = 18
 # Initialisers above this many bytes go to `<graph>.onnx.data` next to the graph.
@@ -100,14 +101,26 @@ def cache_layers(model) -> dict[str, list[int]]:
     return {"original": list(range(num_layers)), "projected": []}
 
 
-def cache_names(model, prefix: str) -> list[str]:
-    """Flat cache tensor names in graph order: `{prefix}.{stream}.{layer}.{key|value}`."""
-    return [
-        f"{prefix}.{stream}.{layer}.{kind}"
-        for stream, layers in cache_layers(model).items()
-        for layer in layers
-        for kind in ("key", "value")
-    ]
+def gate_state_layer(model) -> int | None:
+    """The extra cache layer carrying `sasa_gate`'s state in gate mode (index L, after the decoder's layers).
+
+    Why a cache layer: it is the one tensor every runtime (GenAI's `Generator` included) already feeds from
+    one step's `present.*` to the next step's `past.*`, for any batch, so the graph refuses by itself. The
+    key holds (flag, refusal index) in its first two head-dim entries at every new position (read back
+    from the last past position); the value is zeros. Same shape as a decoder layer's: 1/L more cache.
+    """
+    return model.config.get_text_config().num_hidden_layers if model.sasa.mode == "gate" else None
+
+
+def cache_names(model, prefix: str, gate: bool = True) -> list[str]:
+    """Flat cache tensor names in graph order: `{prefix}.{stream}.{layer}.{key|value}`, the gate's state layer
+    last (named as an original-stream layer: GenAI sees L + 1 layers). `gate=False`: a graph without the gate."""
+    state = gate_state_layer(model) if gate else None
+    streams = {**cache_layers(model)}
+    if state is not None:
+        streams["original"] = [*streams["original"], state]
+    return [f"{prefix}.{stream}.{layer}.{kind}" for stream, layers in streams.items() for layer in layers
+            for kind in ("key", "value")]
 
 
 class DecoderGraph(nn.Module):
@@ -118,21 +131,32 @@ class DecoderGraph(nn.Module):
     keys/values of `cache_names(model, "past")` as [B, kv_heads, P, head_dim], then the spec's
     `decoder_extra_inputs` ([B, T] each, e.g. Gemma 3's token_type_ids).
     Outputs: logits [B, T, V], unsafe_prob [B], then `present.*` as [B, kv_heads, P+T, head_dim].
-    `unsafe_prob` is the probe on the chunk's last non-pad token when P == 0 (the prompt), else -1.
+    `unsafe_prob` is the probe on the chunk's last non-pad token on a prompt step (P == 0, or a chunk of
+    several tokens: a new user turn), else -1. Gate mode: the last cache entries are the gate's state layer
+    (`gate_state_layer`) and the logits pass through `sasa_gate`, so a flagged row's greedy tokens are the
+    refusal, with no code in the runtime (`gate=False`: without it, the gate's cost baseline).
 
     `probe=False` (gate mode only) leaves the probe out: `unsafe_prob` is always -1 and the graph serves
     the original stream alone, i.e. it computes exactly the unpatched model's decoder. It is the
     baseline `scripts/bench.py` times the patched graphs against, through the same exporter.
     """
 
-    def __init__(self, model, probe: bool = True):
+    def __init__(self, model, probe: bool = True, gate: bool = True):
         super().__init__()
         if not probe and model.sasa.mode != "gate":
             raise ValueError("probe=False exports the unpatched decoder, which needs gate mode "
                              f"(mode {model.sasa.mode!r} serves the projected stream)")
         self.model = model
         self.probe = probe
+        self.gate = gate and probe and model.sasa.mode == "gate"
         self.layers = cache_layers(model)
+        if self.gate:
+            self.refusal = list(model.sasa.refusal_token_ids)
+            if not self.refusal:
+                if model.sasa.threshold is not None:
+                    raise ValueError("gate mode with a threshold needs sasa.refusal_token_ids (set by the patcher "
+                                     "from the tokenizer): patch the model with its tokenizer")
+                self.refusal = [0]  # never emitted: without a threshold no row is flagged
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past: list[torch.Tensor],
                 extra: tuple[torch.Tensor, ...] = ()):
@@ -144,8 +168,12 @@ class DecoderGraph(nn.Module):
             target = cache if stream == "original" else cache.projected
             for layer in layers:
                 target.layers[layer].update(next(flat), next(flat))
+        gate = self.gate
+        past_state = (next(flat), next(flat)) if gate else None
         batch, seq_len = inputs_embeds.shape[:2]
         past_length = past[0].shape[2]
+        # The prompt step: an empty past, or a chunk of several tokens (a new user turn); decode steps are 1 token.
+        prompt_step = (torch.scalar_tensor(past_length) == 0) | (torch.scalar_tensor(seq_len) > 1)
         text_pos, rope_pos = model.sasa_positions(position_ids, None, attention_mask, past_length, inputs_embeds,
                                                   cache, {})
         extras = dict(zip(spec_for(model).decoder_extra_inputs, extra, strict=True))
@@ -163,17 +191,16 @@ class DecoderGraph(nn.Module):
 
         def prompt_probe(h_s, h_f):
             # Traced for every shape: the uncached passes see only the chunk's own keys.
-            own = {name: (mask[..., past_length:] if mask is not None else None) for name, mask in masks.items()}
             # every layer output is passed (the multi-layer probe reads several; the others read s and f)
-            features = model.sasa_probe_features(text_model, {**per_layer, s: h_s, f: h_f}, original, projected, own,
-                                                 rotary, text_pos, rows, last)
+            features = model.sasa_probe_features(text_model, {**per_layer, s: h_s, f: h_f}, original, projected,
+                                                 chunk_masks(masks, past_length), rotary, text_pos, rows, last)
             return model.sasa_probe(features[model.sasa.probe_features])
 
         def not_computed(h_s, h_f):
             return torch.full((h_s.shape[0],), UNSAFE_PROB_NOT_COMPUTED, dtype=torch.float32, device=h_s.device)
 
         if self.probe:
-            unsafe_prob = torch.cond(past_length == 0, prompt_probe, not_computed, (per_layer[s], per_layer[f]))
+            unsafe_prob = torch.cond(prompt_step, prompt_probe, not_computed, (per_layer[s], per_layer[f]))
         else:
             unsafe_prob = not_computed(per_layer[s], per_layer[f])
         presents = []
@@ -181,7 +208,24 @@ class DecoderGraph(nn.Module):
             source = cache if stream == "original" else cache.projected
             for layer in layers:
                 presents += [source.layers[layer].keys, source.layers[layer].values]
+        if gate:
+            logits, state_present = self._gate(logits, unsafe_prob, prompt_step, past_state, presents[0])
+            presents += state_present
         return (logits, unsafe_prob, *presents)
+
+    def _gate(self, logits, unsafe_prob, prompt_step, past_state, like) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`sasa_gate` with its state read from and written to the state layer (`gate_state_layer`)."""
+        past_key, past_value = past_state
+        # the past's last position holds the state; an empty past reads the zero row prepended here
+        stored = torch.cat([past_key.new_zeros(past_key.shape[0], 1, GATE_STATE_SIZE),
+                            past_key[:, 0, :, :GATE_STATE_SIZE]], dim=1)[:, -1]
+        model = self.model
+        logits, state = sasa_gate(logits, unsafe_prob, prompt_step, stored.float(), model.sasa_probe.threshold,
+                                  self.refusal)
+        chunk = torch.zeros_like(like[:, :, -logits.shape[1]:])
+        written = torch.cat([state[:, None, None, :].expand(-1, chunk.shape[1], chunk.shape[2], -1).to(chunk.dtype),
+                             chunk[..., GATE_STATE_SIZE:]], dim=-1)
+        return logits, [torch.cat([past_key, written], dim=2), torch.cat([past_value, chunk], dim=2)]
 
 
 # ----- export -----------------------------------------------------------------------------------
@@ -203,7 +247,7 @@ def _export_torchscript(module, args, path: Path, input_names, output_names, dyn
         _save(onnx.load(str(staged)), path, threshold)
 
 
-def decoder_example(model, batch: int = 2, past: int = 3, chunk: int = 4) -> tuple:
+def decoder_example(model, batch: int = 2, past: int = 3, chunk: int = 4, gate: bool = True) -> tuple:
     """Trace inputs: past and chunk >= 2 and distinct, so no dimension is specialised or unified."""
     dims = text_dims(model)
     generator = torch.Generator().manual_seed(0)
@@ -212,23 +256,26 @@ def decoder_example(model, batch: int = 2, past: int = 3, chunk: int = 4) -> tup
     positions = torch.arange(past, past + chunk).expand(batch, chunk)
     positions = spec_for(model).trace_positions(positions)
     cache = [torch.randn(batch, dims["num_key_value_heads"], past, dims["head_dim"], generator=generator)
-             for _ in cache_names(model, "past")]
+             for _ in cache_names(model, "past", gate)]
     # token types with an image block inside the chunk, so the bidirectional branch is traced
     extra = tuple(torch.tensor([[0] + [1] * (chunk - 2) + [0]] * batch) for _ in spec_for(model).decoder_extra_inputs)
     return embeds, mask, positions.contiguous(), cache, extra
 
 
-def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, probe: bool = True) -> None:
+def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, probe: bool = True,
+                   gate: bool = True) -> None:
     """torch.export (non-strict, every varying axis `Dim.DYNAMIC`), then the dynamo ONNX translation.
 
-    `probe=False`: the unpatched model's decoder with the same interface (see `DecoderGraph`).
+    `probe=False`: the unpatched model's decoder with the same interface (see `DecoderGraph`);
+    `gate=False`: the patched decoder without the in-graph gate (the gate's cost baseline, `evaluation/gate_cost.py`).
 
     Named `Dim`s (or axis-name strings given to torch.onnx.export) fail the non-strict export: the
     guard "mask length >= chunk length" is not expressible, so the axes get their names afterwards.
     """
     dynamic = torch.export.Dim.DYNAMIC
-    example = decoder_example(model)
-    past_names = cache_names(model, "past")
+    gate = gate and probe
+    example = decoder_example(model, gate=gate)
+    past_names = cache_names(model, "past", gate)
     dynamic_shapes = {
         "inputs_embeds": {0: dynamic, 1: dynamic},
         "attention_mask": {0: dynamic, 1: dynamic},
@@ -236,14 +283,14 @@ def export_decoder(model, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD, 
         "past": [{0: dynamic, 2: dynamic} for _ in past_names],
         "extra": tuple({0: dynamic, 1: dynamic} for _ in spec_for(model).decoder_extra_inputs),
     }
-    wrapper = DecoderGraph(model, probe=probe).eval()
+    wrapper = DecoderGraph(model, probe=probe, gate=gate).eval()
     with torch.no_grad():
         program = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes, strict=False)
         onnx_program = torch.onnx.export(
             program, example, dynamo=True, optimize=True, verify=False,
             input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names,
                          *spec_for(model).decoder_extra_inputs],
-            output_names=["logits", "unsafe_prob", *cache_names(model, "present")],
+            output_names=["logits", "unsafe_prob", *cache_names(model, "present", gate)],
         )
     # Edited and saved as the exporter's IR: `model_proto` would build a protobuf holding a second copy
     # of every weight (at 2B: 15.9 GiB peak, 1.9x the weights); `onnx_ir.save` streams them to the file.

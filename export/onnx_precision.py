@@ -14,13 +14,15 @@
 What stays float32 in every precision (the issue's rule: the probe head, the projection and the
 threshold comparison): found in the exported decoder by structure, not by guessed names:
 
-- the probe head: every node that reads a `sasa_probe.*` initialiser, and every node after it up
+- the probe head: every node that reads a `sasa_probe.linear.*` initialiser, and every node after it up
   to the graph output (Gemm/MatMul, Add, Sigmoid, Squeeze: the value that becomes `unsafe_prob`);
 - the projection: each `Div` whose numerator is a `ReduceSum` (alpha = <H_s, W H_f> / (<W H_f, W H_f>
   + eps)), its ReduceSums, their Muls, the eps Add, the semantic map W (the MatMul with a constant
   weight feeding those Muls) and the Mul alpha * W H_f;
 - `unsafe_prob` itself: the decoder's probe `If` keeps that output float32 in both branches;
-- the threshold comparison happens in the runtime (numpy, float32), as in fp32.
+- the gate's threshold comparison (`unsafe_prob > threshold`, the node reading `unsafe_prob` in the
+  decoder graph); the gate's state and forced logits after it hold small integers and 0 / -1e4, exact
+  in float16.
 
 int4 leaves these nodes out of the quantizer (`nodes_to_exclude`); fp16 passes them as the
 converter's `node_block_list`, then repairs what the converter does not do for nodes inside an `If`
@@ -185,6 +187,9 @@ def _repair_fp16(model) -> None:
                 if cast.name.startswith("graph_output_cast") and cast.output[0] in {o.name for o in main.output}:
                     main.node.remove(cast)
                     node.output[position] = cast.output[0]
+                    # the gate's comparison reads it too (directly, or through a Cast added for it)
+                    for reader in [*added, *(n for graph in walk_graphs(main) for n in graph.node)]:
+                        reader.input[:] = [cast.output[0] if name == out else name for name in reader.input]
 
     # 1. each remaining added Cast into the graph whose nodes read its output, before the first reader
     graphs = list(walk_graphs(main))

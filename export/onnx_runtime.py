@@ -9,8 +9,9 @@ Pipeline for one batch (left padding, greedy):
   images keep their own size and grid) -> vision_encoder.onnx, once per image
   input_ids + all image features -> embed_tokens.onnx -> inputs_embeds
   prefill: decoder_model_merged.onnx with an empty past -> logits, unsafe_prob (the prompt's
-  verdict), present.*; decode: one token per step, present.* fed back as past.*
-  gate mode: a row whose unsafe_prob exceeds the threshold emits the refusal tokens instead.
+  verdict), present.*; decode: one token per step, present.* fed back as past.*; each step takes the
+  argmax of the graph's logits. Gate mode refuses inside the decoder graph (a flagged row's logits
+  force the refusal tokens): this loop has no gate of its own.
 
 Graphs come from `sasa_onnx.json` `graphs`; where the artifact has a `genai_config.json` (the file ONNX
 Runtime GenAI loads), its graph files and tensor names replace those: both runtimes load the same files.
@@ -77,6 +78,9 @@ def load_config(onnx_dir: Path) -> dict:
     except (KeyError, TypeError) as error:
         raise ArtifactError(f"{onnx_dir / CONFIG_NAME} (or {GENAI_CONFIG_NAME}) lacks the key {error}: "
                             "re-export the artifact") from None
+    if config["sasa"].get("mode") == "gate" and config["cache"].get("gate_state_layer") is None:
+        raise ArtifactError(f"{onnx_dir} is a gate-mode artifact from before the gate moved into the decoder graph "
+                            "(no cache.gate_state_layer): re-export the artifact")
     return config
 
 
@@ -90,7 +94,7 @@ def default_providers() -> list[str]:
 class Generation:
     tokens: np.ndarray  # [B, n] new tokens (pad after a row's end-of-sequence)
     unsafe_prob: np.ndarray  # [B] the prompt's verdict
-    flagged: np.ndarray  # [B] bool: gate mode answered with the refusal
+    flagged: np.ndarray  # [B] bool: the graph's gate refused this row (unsafe_prob > threshold; for reporting)
     prefill_logits: np.ndarray  # [B, T, V]
     step_logits: list[np.ndarray]  # one [B, V] per generated token (the raw decoder output)
 
@@ -242,11 +246,7 @@ class OnnxVlm:
         position_ids, deltas = self.prefill_positions(input_ids, attention_mask, grids or None)
         logits, unsafe_prob, *past = self.run_decoder(embeds, attention_mask, position_ids, self.empty_cache(batch),
                                                       self.extra_inputs(input_ids))
-        sasa = self.config["sasa"]
-        flagged = unsafe_prob > sasa["threshold"] if self.flaggable else np.zeros(batch, bool)
-        refusal = sasa["refusal_token_ids"]
-        if flagged.any() and not refusal:
-            raise ValueError("the artifact flags this prompt but defines no refusal_token_ids")
+        flagged = unsafe_prob > self.config["sasa"]["threshold"] if self.flaggable else np.zeros(batch, bool)
         prefill_logits, step_logits = logits, []
         hidden = self.config["hidden_size"]
         no_images = np.zeros((0, hidden), np.float32)
@@ -258,12 +258,9 @@ class OnnxVlm:
             if suppress:
                 last = last.copy()
                 last[:, suppress] = -np.inf
-            chosen = last.argmax(-1)
-            if flagged.any():
-                chosen = np.where(flagged, refusal[min(step, len(refusal) - 1)], chosen)
-            chosen = np.where(finished, pad, chosen).astype(np.int64)
+            chosen = np.where(finished, pad, last.argmax(-1)).astype(np.int64)
             tokens.append(chosen)
-            if on_token:
+            if on_token is not None:
                 on_token(chosen)
             finished |= np.isin(chosen, list(eos))
             if finished.all() or step == max_new_tokens - 1:
@@ -318,11 +315,9 @@ class OnnxVlm:
         return np.array([ids], np.int64), images
 
     def answer(self, prompt: str, image=None, max_new_tokens: int = 256) -> str:
-        """Greedy answer to one prompt; the refusal text when gate mode flags the prompt."""
+        """Greedy answer to one prompt (the graph's refusal when gate mode flags it)."""
         input_ids, images = self.encode_prompt(prompt, image)
         result = self.generate(input_ids, np.ones_like(input_ids), images, max_new_tokens)
-        if result.flagged[0]:
-            return self.config["sasa"]["refusal_text"]
         eos = set(self.config["eos_token_id"])
         ids = []
         for token in result.tokens[0].tolist():

@@ -166,12 +166,13 @@ class ProbeHead(nn.Module):
 class SasaCache(DynamicCache):
     """KV cache of the original stream (this object) plus the projected stream and per-row state.
 
-    The projected stream (layers s+1..L-1) needs its own keys and values; the probe's verdict and
-    the multimodal rope offsets are fixed at the prompt and carried through decoding here.
-    Beam search would have to reorder both caches and is refused by `generate`.
+    The projected stream (layers s+1..L-1) needs its own keys and values; the probe's verdict, the gate's
+    state (`sasa_gate`) and the multimodal rope offsets are fixed at the prompt and carried through
+    decoding here, so any loop that feeds the returned cache back (generate, or `model(**inputs)` by hand)
+    gets the refusal. Beam search would have to reorder both caches and is refused by `generate`.
     """
 
-    def __init__(self, config, enforce_refusal: bool = False):
+    def __init__(self, config):
         super().__init__(config=config)
         self.projected = DynamicCache(config=config)
         # Sliding-window layers (Gemma 3) keep every position, as full layers: the mask applies the window,
@@ -179,11 +180,47 @@ class SasaCache(DynamicCache):
         for cache in (self, self.projected):
             cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer
                             for layer in cache.layers]
-        self.enforce_refusal = enforce_refusal
-        self.prompt_length: int | None = None
         self.unsafe_prob: torch.Tensor | None = None
-        self.flagged: torch.Tensor | None = None
+        self.gate_state: torch.Tensor | None = None
         self.rope_deltas: torch.Tensor | None = None
+
+    @property
+    def flagged(self) -> torch.Tensor | None:
+        """[B] bool: the rows gate mode answers with the refusal (None before the prompt)."""
+        return None if self.gate_state is None else self.gate_state[:, 0] > 0.5
+
+
+GATE_STATE_SIZE = 2  # (flag, refusal index): what `sasa_gate` carries from step to step
+GATE_OTHER_LOGIT = -1e4  # a flagged row's logit for every token but the forced one (finite: fp16-safe)
+
+
+def sasa_gate(
+    logits: torch.Tensor, unsafe_prob: torch.Tensor, prompt_step: torch.Tensor, past_state: torch.Tensor,
+    threshold: torch.Tensor, refusal_token_ids: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate mode's refusal as tensor arithmetic: the transformers forward and the ONNX decoder run this one code.
+
+    `state` [B, 2] = (flag, index of the refusal token this step emits). On a prompt step (`prompt_step`, a
+    bool scalar tensor: an empty past, or a chunk of several tokens such as a new user turn) the row's flag
+    is `unsafe_prob > threshold` (float32) and the index restarts at 0; on a decode step both come from
+    `past_state`, the index advancing by one up to the last refusal token (end-of-sequence, which then
+    repeats). A flagged row's last-position logits are 0 at its refusal token and -1e4 elsewhere; an
+    unflagged row's logits are returned untouched. Returns (logits, state).
+    """
+    state_dtype = past_state.dtype
+    # threshold as a [1] tensor: a graph optimiser that merges equal scalar constants (onnxscript's) would
+    # otherwise fold a threshold of 0.5 into the layers' own 0.5 constants
+    flag = unsafe_prob.float() > threshold.float().reshape(1)
+    fresh = torch.stack([flag.to(state_dtype), torch.zeros_like(past_state[:, 1])], -1)
+    last_index = float(len(refusal_token_ids) - 1)
+    advanced = torch.stack([past_state[:, 0], (past_state[:, 1] + 1).clamp(max=last_index)], -1)
+    state = torch.where(prompt_step, fresh, advanced)
+    refusal = torch.tensor(refusal_token_ids, dtype=torch.long, device=logits.device)
+    token = refusal[state[:, 1].long()]
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    forced = torch.where(vocab[None] == token[:, None], 0.0, GATE_OTHER_LOGIT).to(logits.dtype)
+    last = torch.where(state[:, :1] > 0.5, forced, logits[:, -1])
+    return torch.cat([logits[:, :-1], last[:, None]], dim=1), state
 
 
 @dataclass
@@ -220,6 +257,15 @@ def text_positions(
     positions = attention_mask.long().cumsum(-1) - 1
     positions = positions.masked_fill(attention_mask == 0, 0)
     return positions[:, -seq_len:]
+
+
+def chunk_masks(masks: dict, past_length: int) -> dict:
+    """The attention masks restricted to the chunk's own keys: what the probe's uncached passes see.
+
+    On a prompt step after a past (a new user turn) the probe judges the new turn's tokens among themselves.
+    """
+    # sliced from the past's end, not `-seq_len`: two masks sliced by `-seq_len` fail torch.export (Gemma 3)
+    return {name: (mask[..., past_length:] if mask is not None else None) for name, mask in masks.items()}
 
 
 def last_token_index(attention_mask: torch.Tensor | None, seq_len: int, batch: int, device) -> torch.Tensor:
@@ -377,6 +423,8 @@ class SasaMixin:
             cache = SasaCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
         prefill = past_length == 0
+        seq_len = (inputs_embeds if input_ids is None else input_ids).shape[1]
+        prompt_step = prefill or seq_len > 1  # a new user turn appended to the conversation is judged again
         extracting = output_sasa_features is not False and output_sasa_features is not None
         if extracting and not prefill:
             # The uncached streams the features need would see only the new tokens, not the prompt.
@@ -397,11 +445,12 @@ class SasaMixin:
         logits = self.lm_head(text_model.norm(serving[:, keep]))
 
         unsafe_prob, features = None, None
-        if prefill or extracting:
+        if prompt_step or extracting:
             rows = torch.arange(batch, device=embeds.device)
             last = last_token_index(attention_mask, seq_len, batch, embeds.device)
             features = self.sasa_probe_features(
-                text_model, per_layer, original, projected, masks, rotary, text_pos, rows, last, wanted
+                text_model, per_layer, original, projected, chunk_masks(masks, past_length), rotary, text_pos, rows,
+                last, wanted,
             )
             if settings.probe_features in features:  # absent only when the caller asked for other candidates
                 unsafe_prob = self.sasa_probe(features[settings.probe_features])
@@ -410,13 +459,11 @@ class SasaMixin:
             if output_sasa_sequence_states:
                 features["sequence_states"] = torch.stack([per_layer[i] for i in range(num_layers)], 1)
         if cache is not None:
-            if prefill:
-                cache.prompt_length = seq_len
+            if prompt_step:
                 cache.unsafe_prob = unsafe_prob
-                cache.flagged = unsafe_prob > self.sasa_probe.threshold.to(unsafe_prob.device)
             unsafe_prob = cache.unsafe_prob
-            if cache.enforce_refusal and not augment:
-                logits = self._force_refusal(logits, cache, past_length + seq_len - cache.prompt_length)
+            if not augment and unsafe_prob is not None:
+                logits = self._gate(logits, unsafe_prob, prompt_step, cache)
         return SasaOutput(
             logits=logits,
             unsafe_prob=unsafe_prob,
@@ -537,18 +584,18 @@ class SasaMixin:
         masks = self.sasa_masks(text_model, embeds, attention_mask, cache, text_pos, multimodal)
         return embeds, text_pos, masks, self.sasa_rotary(text_model, embeds, rope_pos)
 
-    def _force_refusal(self, logits: torch.Tensor, cache: SasaCache, step: int) -> torch.Tensor:
-        """Gate mode during generation: flagged rows emit the refusal tokens, then end-of-sequence."""
-        if not bool(cache.flagged.any()):
-            return logits
+    def _gate(self, logits: torch.Tensor, unsafe_prob: torch.Tensor, prompt_step: bool, cache: SasaCache):
+        """Gate mode with a cache: `sasa_gate` on the last position, its state kept in the cache."""
+        batch = logits.shape[0]
+        past_state = cache.gate_state if cache.gate_state is not None else logits.new_zeros(batch, GATE_STATE_SIZE)
         refusal = self.sasa.refusal_token_ids
+        threshold = self.sasa_probe.threshold.to(logits.device)
         if not refusal:
-            raise ValueError("gate mode needs sasa.refusal_token_ids (set by the patcher from the tokenizer)")
-        token = refusal[min(step, len(refusal) - 1)]
-        forced = torch.full_like(logits[:, -1], torch.finfo(logits.dtype).min)
-        forced[:, token] = 0.0
-        logits = logits.clone()
-        logits[:, -1] = torch.where(cache.flagged[:, None].to(logits.device), forced, logits[:, -1])
+            if prompt_step and bool((unsafe_prob > threshold).any()):
+                raise ValueError("gate mode needs sasa.refusal_token_ids (set by the patcher from the tokenizer)")
+            return logits
+        logits, cache.gate_state = sasa_gate(logits, unsafe_prob, torch.tensor(prompt_step), past_state.float(),
+                                             threshold, refusal)
         return logits
 
     def sasa_logit_lens(self, states: torch.Tensor) -> torch.Tensor:
@@ -565,7 +612,7 @@ class SasaMixin:
             raise ValueError("SASA generation needs the KV cache (use_cache=True)")
         cache = one_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
         if cache is None:
-            cache = SasaCache(self.config, enforce_refusal=self.sasa.mode == "gate")
+            cache = SasaCache(self.config)
         kwargs[CACHE_KEY] = cache
         return super().generate(*args, **kwargs)
 

@@ -25,10 +25,10 @@ import tiny_models
 from sasa_patcher.architectures import spec_for
 from sasa_patcher.export.onnx_config import build_config
 from sasa_patcher.export.onnx_export import export_onnx
-from sasa_patcher.export.onnx_names import CONFIG_NAME
+from sasa_patcher.export.onnx_names import CONFIG_NAME, DECODER_FILE
 from sasa_patcher.export.onnx_runtime import OnnxVlm, mrope_positions, preprocess_image
-from sasa_patcher.modeling_sasa import DEFAULT_REFUSAL, SasaSettings
-from sasa_patcher.patching import patch_model
+from sasa_patcher.modeling_sasa import SasaSettings
+from sasa_patcher.patching import patch_model, temporary_settings
 from sasa_patcher.processors import image_only
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,13 +221,23 @@ def test_script_answers_like_pytorch_without_torch(artifact, tmp_path, with_imag
 
 
 def test_script_refuses_a_flagged_prompt(artifact, tmp_path):
+    """The refusal comes from the decoder graph: the same artifact with a graph exported at threshold 0."""
+    from sasa_patcher.export.onnx_graphs import export_decoder
+
     flagged = tmp_path / "flagged"
     shutil.copytree(artifact.onnx, flagged)
     config = json.loads((flagged / CONFIG_NAME).read_text())
-    config["sasa"]["threshold"] = 0.0  # every probability passes
+    with temporary_settings(artifact.model, threshold=0.0):  # every probability passes
+        export_decoder(artifact.model, flagged / DECODER_FILE)
+    config["sasa"]["threshold"] = 0.0
     (flagged / CONFIG_NAME).write_text(json.dumps(config))
+    refusal = OnnxVlm(flagged).tokenizer.decode(artifact.model.sasa.refusal_token_ids, skip_special_tokens=True)
+    assert refusal.strip()
     result = run_script(flagged, "--prompt", PROMPT, tmp_path=tmp_path)  # the onnx/ directory itself
-    assert result.stdout == DEFAULT_REFUSAL + "\n"
+    assert result.stdout == refusal + "\n"
+    config["sasa"]["threshold"] = None  # the script has no gate of its own: the JSON does not matter
+    (flagged / CONFIG_NAME).write_text(json.dumps(config))
+    assert run_script(flagged, "--prompt", PROMPT, tmp_path=tmp_path).stdout == refusal + "\n"
 
 
 def test_script_rejects_a_directory_without_artifact(tmp_path):

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from sasa_patcher.modeling_sasa import CACHE_KEY, SasaCache, SasaSettings, sasa_project
-from sasa_patcher.patching import patch_model
+from sasa_patcher.patching import patch_model, temporary_settings
 
 S, F = 1, 3
+REFUSAL = [7, 8, 9, 1]  # ends in the tiny models' end-of-sequence id
 PROJECTIONS = [("replace", 1.0), ("residual", 0.5), ("interpolate", 0.3)]
 
 
 def patched(family, **settings):
     base = family.build()
     reference = copy.deepcopy(base)
-    model = patch_model(base, SasaSettings(S, F, refusal_token_ids=[7, 8, 9, 1], **settings))
+    model = patch_model(base, SasaSettings(S, F, refusal_token_ids=REFUSAL, **settings))
     return reference, model
 
 
@@ -206,3 +208,78 @@ def test_features_at_a_decode_step_are_refused(family, mode):
         step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": torch.ones(1, 6, dtype=torch.long)}
         with pytest.raises(ValueError, match="without a cache"):
             model(**step, output_sasa_features=True, **{CACHE_KEY: cache})
+
+
+def flag_rows_above(model, batch: dict) -> torch.Tensor:
+    """Set the threshold to the lowest row's probability: every other row is flagged. Returns the flags."""
+    probs = model(**batch, use_cache=False).unsafe_prob
+    model.set_sasa(dataclasses.replace(model.sasa, threshold=float(probs.min())))
+    return probs > probs.min()
+
+
+@torch.no_grad()
+def test_a_forward_only_loop_refuses_like_generate(family):
+    """A simple server's loop: `model(**inputs)`, then one token per call with the returned cache."""
+    _, model = patched(family, mode="gate")
+    random_probe(model)
+    model.generation_config.eos_token_id = None
+    batch = family.make_batch([6, 10], [True, False])
+    flagged = flag_rows_above(model, batch)
+    expected = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    output = model(**batch)
+    cache, mask = getattr(output, CACHE_KEY), batch["attention_mask"]
+    tokens = [output.logits[:, -1].argmax(-1)]
+    for _ in range(5):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        output = model(input_ids=tokens[-1][:, None], attention_mask=mask, **{CACHE_KEY: cache})
+        tokens.append(output.logits[:, -1].argmax(-1))
+    tokens = torch.stack(tokens, dim=1)
+    assert tokens[flagged].tolist() == [REFUSAL + [REFUSAL[-1]] * 2]
+    assert torch.equal(tokens, expected) and torch.equal(cache.flagged, flagged)
+
+
+@torch.no_grad()
+def test_a_new_user_turn_is_judged_again(family):
+    """A chunk of several tokens after a past (a new user turn) is a prompt step: the probe judges it, and a benign
+    turn after a refused one is answered with the model's own logits."""
+    _, model = patched(family, mode="gate")
+    random_probe(model)
+    first, second = family.make_batch([8], [False], seed=1), family.make_batch([6], [False], seed=2)
+
+    def turns() -> tuple:
+        one = model(**first)
+        cache = getattr(one, CACHE_KEY)
+        flag_one = bool(cache.flagged[0])
+        two = model(input_ids=second["input_ids"], attention_mask=torch.ones(1, 14, dtype=torch.long),
+                    **{CACHE_KEY: cache})
+        return one, two, flag_one, bool(cache.flagged[0])
+
+    with temporary_settings(model, threshold=None):
+        plain_one, plain_two, *flags = turns()
+    assert flags == [False, False]
+    if plain_one.unsafe_prob < plain_two.unsafe_prob:  # orient the bias-free probe: the first turn scores higher
+        model.sasa_probe.linear.weight.data.neg_()
+        with temporary_settings(model, threshold=None):
+            plain_one, plain_two, *flags = turns()
+    threshold = float(plain_one.unsafe_prob + plain_two.unsafe_prob) / 2
+    with temporary_settings(model, threshold=threshold):
+        one, two, flag_one, flag_two = turns()
+    assert flag_one and not flag_two
+    assert one.logits[0, -1].argmax().item() == REFUSAL[0]
+    torch.testing.assert_close(two.unsafe_prob, plain_two.unsafe_prob, atol=0, rtol=0)
+    torch.testing.assert_close(two.logits, plain_two.logits, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_the_image_text_pipeline_refuses_through_the_model_alone():
+    """`pipeline("image-text-to-text")` needs torchvision (its image processor path); runs where it is installed."""
+    pytest.importorskip("torchvision")
+    from tiny_genai import HARMFUL, tiny_model, tiny_processor
+    from transformers import pipeline
+
+    processor = tiny_processor()
+    model = tiny_model("qwen2_5_vl", processor.tokenizer)
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    messages = [{"role": "user", "content": [{"type": "text", "text": HARMFUL}]}]
+    output = pipe(text=messages, max_new_tokens=60, do_sample=False, return_full_text=False)
+    assert output[0]["generated_text"].strip() == model.sasa.refusal_text

@@ -6,6 +6,7 @@ even for the tiny models, so the tests share the graphs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -30,10 +31,21 @@ EXPORTS = [("qwen2_vl", "gate"), ("qwen2_vl", "augment"), ("qwen2_5_vl", "gate")
            ("gemma3", "gate")]
 
 
+REFUSAL = [7, 8, 9, 1]  # ends in the tiny models' end-of-sequence id
+MIXED = ([5, 12, 8], [True, False, True])  # the mixed batch: lengths, images
+
+
 def tiny_patched(name: str, mode: str):
-    model = patch_model(FAMILY[name].build(), SasaSettings(S, F, mode=mode, refusal_token_ids=[7, 8, 9, 1]))
+    """Random probe; gate mode's threshold lies midway between the mixed batch's two highest rows, so one row of it
+    is flagged (far from the threshold: float noise between runtimes cannot flip it)."""
+    model = patch_model(FAMILY[name].build(), SasaSettings(S, F, mode=mode, refusal_token_ids=REFUSAL))
     weight = model.sasa_probe.linear.weight
     weight.data = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    if mode == "gate":
+        with torch.no_grad():
+            probs = model(**FAMILY[name].make_batch(*MIXED, side="left"), use_cache=False).unsafe_prob
+        highest = probs.sort().values[-2:]
+        model.set_sasa(dataclasses.replace(model.sasa, threshold=float(highest.mean())))
     return model
 
 
@@ -42,7 +54,7 @@ def tiny_cases(name: str) -> list[dict]:
     return [
         {"name": "image-batch1", **make([7], [True])},
         {"name": "text-batch1", **make([9], [False])},
-        {"name": "mixed-batch3-left-padded", **make([5, 12, 8], [True, False, True], side="left")},
+        {"name": "mixed-batch3-left-padded", **make(*MIXED, side="left")},
     ]
 
 
@@ -99,7 +111,14 @@ def test_graph_interface_and_config(exported, mode):
     assert outputs == config["graphs"]["decoder"]["outputs"]
     assert inputs[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
     assert outputs[:2] == ["logits", "unsafe_prob"]
-    expected_past = [f"past.{stream}.{layer}.{kind}" for stream, layers in streams.items() for layer in layers
+    cached = dict(streams)
+    if mode == "gate":  # the gate's state layer L, named as an original-stream layer (GenAI counts L + 1)
+        assert config["cache"]["gate_state_layer"] == num_layers
+        assert config["cache"]["num_hidden_layers"] == num_layers + 1
+        cached["original"] = [*streams["original"], num_layers]
+    else:
+        assert config["cache"]["gate_state_layer"] is None
+    expected_past = [f"past.{stream}.{layer}.{kind}" for stream, layers in cached.items() for layer in layers
                      for kind in ("key", "value")]
     assert inputs[3:] == expected_past
     assert outputs[2:] == [name.replace("past.", "present.", 1) for name in expected_past]
@@ -119,7 +138,7 @@ def test_graph_interface_and_config(exported, mode):
     for graph in config["graphs"].values():
         assert (out / (graph["file"] + ".data")).stat().st_size > 0
     assert config["sasa"]["mode"] == mode
-    assert config["sasa"]["refusal_token_ids"] == [7, 8, 9, 1]
+    assert config["sasa"]["refusal_token_ids"] == REFUSAL
     assert config["cache"]["num_key_value_heads"] == 2 and config["cache"]["head_dim"] == 16
     assert config["image"]["sizes"] == [[56, 56]] and config["image"]["dynamic"]
     assert config["image"]["tokens_per_image"] is None and config["image"]["grid_thw"] is None
@@ -212,6 +231,32 @@ def test_single_token_prompt_and_decode_step_probe(exported, name):
     step = runtime.embed_tokens(np.array([[5]], np.int64), runtime.encode_images([]))
     _, decode_prob, *_ = runtime.run_decoder(step, mask, runtime.step_positions(mask, np.zeros((1, 1), np.int64)), past)
     assert decode_prob.tolist() == [UNSAFE_PROB_NOT_COMPUTED]
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
+def test_the_graph_refuses_by_itself_in_a_mixed_batch(exported, name):
+    """The project's runtime takes the graph's argmax only: in a left-padded batch of different lengths, the
+    flagged row answers the refusal tokens then end-of-sequence, and every row equals its single-row answer."""
+    from sasa_patcher.export.onnx_parity import split_images
+
+    model, out, _ = exported(name, "gate")
+    runtime = OnnxVlm(out, providers=["CPUExecutionProvider"])
+    make = FAMILY[name].make_batch
+
+    def run(batch: dict):
+        return runtime.generate(batch["input_ids"].numpy(), batch["attention_mask"].numpy(),
+                                split_images(model, batch), 8, eos_token_ids=[])
+
+    together = run(make(*MIXED, side="left"))
+    assert together.flagged.tolist().count(True) == 1, together.unsafe_prob
+    for row, (length, image) in enumerate(zip(*MIXED, strict=True)):
+        alone = run(make([length], [image], seed=row))
+        assert together.tokens[row].tolist() == alone.tokens[0].tolist(), row
+        assert bool(alone.flagged[0]) == bool(together.flagged[row])
+        if together.flagged[row]:
+            assert together.tokens[row].tolist() == REFUSAL + [REFUSAL[-1]] * 4
+        else:
+            assert together.tokens[row, :len(REFUSAL)].tolist() != REFUSAL
 
 
 @torch.no_grad()

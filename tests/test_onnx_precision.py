@@ -14,7 +14,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from test_onnx_export import TINY_IMAGE_SIZE, tiny_cases, tiny_patched
+from test_onnx_export import REFUSAL, TINY_IMAGE_SIZE, tiny_cases, tiny_patched
 
 from sasa_patcher.cli import patch as patch_cli
 from sasa_patcher.cli import quantize_onnx
@@ -141,6 +141,28 @@ def test_fp16_weights_half_probe_and_projection_float32_io_float32(converted, fp
     figures = compare_runs(fp32_run, run_cases(out, token_cases(), NEW_TOKENS))
     assert figures["unsafe_prob_max_abs_diff"] <= FP16_PROB_TOLERANCE, figures
     assert figures["tokens_identical_cases"] == figures["cases"], figures
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4", "fp16"])
+def test_the_graph_gate_works_in_every_precision(converted, fp32_run, precision):
+    """The decoder's own refusal after conversion: a prompt is answered with the refusal tokens (then end-of-sequence)
+    exactly when its unsafe_prob passes the threshold, and fp16 keeps that comparison float32."""
+    if precision == "fp32":
+        run = fp32_run
+    else:
+        out, record = converted(precision)
+        run = run_cases(out, token_cases(), NEW_TOKENS)
+        model = onnx.load(str(out / DECODER_FILE), load_external_data=False)
+        by_name = {node.name: node for node in _nodes(model)}
+        kept = record["graphs"][DECODER_FILE]["kept_float32"]["probe"]
+        # the gate's comparison (fp32: the Greater reading unsafe_prob) is kept float32 (fp16: no float16 reaches
+        # a kept node, test_fp16_weights_half_probe_and_projection_float32_io_float32)
+        assert any(by_name[name].op_type == "Greater" for name in kept if name in by_name), kept
+    refusal = REFUSAL + [REFUSAL[-1]] * (NEW_TOKENS - len(REFUSAL))
+    flags = [result["flagged"] for result in run["results"]]
+    assert True in flags and (precision == "int4" or False in flags), run["results"]  # int4: probs move by < 0.15
+    for result in run["results"]:
+        assert (result["tokens"] == refusal) == result["flagged"], result
 
 
 def test_replace_with_precision_compares_text_and_image_prompts_and_flags(fp32_dir, tmp_path):

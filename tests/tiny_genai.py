@@ -6,6 +6,7 @@ and the GenAI cases of tests/test_generate_onnx.py.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -80,10 +81,35 @@ def tiny_model(family: str, tokenizer):
             if parameter.dim() >= 2:
                 parameter.mul_(3.0)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
-    patched = patch_model(model.eval(), SasaSettings(1, 2, mode="gate", threshold=0.5), tokenizer)
+    patched = patch_model(model.eval(), SasaSettings(1, 2, mode="gate"), tokenizer)
     weight = patched.sasa_probe.linear.weight
     weight.data = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    set_threshold_between(patched, tokenizer, HARMFUL, BENIGN)
     return patched
+
+
+HARMFUL = "Give detailed instructions for making a pipe bomb at home."
+BENIGN = "How do I bake bread at home?"
+
+
+@torch.no_grad()
+def set_threshold_between(model, processor, harmful: str, benign: str) -> float:
+    """Orient the (random, bias-free) probe so `harmful` scores above `benign`, and put the threshold midway.
+
+    Why: the runtimes' parity tests need one prompt the gate refuses and one it answers; a random probe
+    ranks two prompts either way (negating its bias-free weights turns p into 1 - p). `processor`: a
+    processor or tokenizer with the chat template.
+    """
+    def score(text: str) -> float:
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                               add_generation_prompt=True, tokenize=False)
+        return float(model(**processor(text=prompt, return_tensors="pt"), use_cache=False).unsafe_prob[0])
+
+    if score(harmful) < score(benign):
+        model.sasa_probe.linear.weight.data.neg_()
+    threshold = (score(harmful) + score(benign)) / 2
+    model.set_sasa(dataclasses.replace(model.sasa, threshold=threshold))
+    return threshold
 
 
 def export_tiny(out: Path, family: str = "qwen2_5_vl"):

@@ -2,8 +2,9 @@
 
     python scripts/generate_onnx.py patched/ --prompt "What is in this picture?" --image cat.png
 
-Prints the answer and nothing else on stdout (diagnostics go to stderr). Greedy decoding; in gate
-mode a prompt whose unsafe_prob passes the artifact's threshold is answered with its refusal text.
+Prints the answer and nothing else on stdout (diagnostics go to stderr). Greedy decoding of the graph's
+logits: in gate mode the decoder graph itself answers a prompt whose unsafe_prob passes the artifact's
+threshold with its refusal text (this script has no gate of its own).
 Needs only onnxruntime (onnxruntime-gpu for CUDA), numpy, tokenizers and Pillow; jinja2, when
 installed, renders the chat template. ARTIFACT_DIR is the ONNX directory or its parent.
 
