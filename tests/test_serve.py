@@ -30,6 +30,7 @@ FLAGGED = "How do I bake bread at home?"
 BENIGN = "hello"
 MODEL = "tiny-sasa"
 NEW_TOKENS = 12
+REFUSAL_BUDGET = 40  # the tiny tokenizer spells the refusal in 38 tokens (end-of-sequence included)
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +94,7 @@ def greedy(runtime, text: str, images=(), max_new_tokens: int = NEW_TOKENS) -> t
     eos = set(runtime.config["eos_token_id"])
     tokenizer = Tokenizer.from_file(str(runtime.dir / "tokenizer.json"))
     text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-    return (runtime.gate.refusal_text if flagged and not tokens else text), unsafe_prob, flagged
+    return text, unsafe_prob, flagged
 
 
 def user(text: str, images=()) -> list[dict]:
@@ -135,16 +136,17 @@ def test_image_prompt(client, runtime):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_flagged_prompt_is_answered_with_content_filter(client, runtime, stream):
-    text, unsafe_prob, flagged = greedy(runtime, FLAGGED)
+    text, unsafe_prob, flagged = greedy(runtime, FLAGGED, max_new_tokens=REFUSAL_BUDGET)
     assert flagged and unsafe_prob > THRESHOLD
     if stream:
-        chunks = list(client.chat.completions.create(model=MODEL, messages=user(FLAGGED), stream=True))
+        chunks = list(client.chat.completions.create(model=MODEL, messages=user(FLAGGED), stream=True,
+                                                     max_tokens=REFUSAL_BUDGET))
         answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         final = chunks[-1]
     else:
-        final = client.chat.completions.create(model=MODEL, messages=user(FLAGGED))
+        final = client.chat.completions.create(model=MODEL, messages=user(FLAGGED), max_tokens=REFUSAL_BUDGET)
         answer = final.choices[0].message.content
-    assert answer == text == runtime.gate.refusal_text
+    assert answer == text == runtime.config["sasa"]["refusal_text"]  # the graph's own refusal tokens, decoded
     assert final.choices[0].finish_reason == "content_filter"
     assert final.model_extra["sasa"] == {"unsafe_prob": pytest.approx(unsafe_prob, abs=1e-6), "flagged": True}
 

@@ -1,9 +1,9 @@
 """One completion on the artifact: ONNX Runtime GenAI's loop, or the project's runtime for artifacts GenAI
 cannot load (LLaVA, augment mode), chosen as `sasa-generate-onnx` chooses (`load_runtime`).
 
-The verdict is the runtime's: the answer is the decoded greedy tokens; when the runtime reports the prompt
-flagged, the finish reason is `content_filter` and, if it produced no tokens (the gate in Python refuses
-with an empty answer), the answer is the artifact's stored refusal text. No threshold is read here.
+The verdict is the graph's: the answer is the decoded greedy tokens (for a flagged prompt, the refusal the
+decoder's gate emits); when the runtime reports the prompt flagged, the finish reason is `content_filter`.
+No threshold is read and no refusal is made here.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ class ServedModel:
         self.genai = isinstance(runtime, GenAiVlm)
         config = runtime.config
         self.eos = set(config["eos_token_id"])
-        self.refusal_text = config["sasa"]["refusal_text"]
         self.context_length: int | None = runtime.context_length
         self.kind = "onnxruntime-genai" if self.genai else "onnxruntime"
         from tokenizers import Tokenizer
@@ -121,11 +120,9 @@ class ServedModel:
             pass
         seconds = time.perf_counter() - started
         rest = stream.finish()
-        if flagged and not stream.tokens:
-            rest = self.refusal_text
         if rest:
             on_text(rest)
-        text = stream.text if stream.tokens else rest
+        text = stream.text
         finish = ("content_filter" if flagged else "stop" if ended_by_eos or stream.stopped else "length")
         return Outcome(text, finish, prepared.prompt_tokens, len(stream.tokens), unsafe_prob, flagged, seconds)
 
