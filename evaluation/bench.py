@@ -2,7 +2,7 @@
 
 Why through the pipeline: the patch timing must be what `scripts/patch.py` spends, so the bench
 builds `PatchOptions` and calls `run_patch` (same loading, calibration record, model card and
-exports) on a label- and form-balanced subsample of the built-in calibration set. The latency
+exports) on an evenly strided subsample of the built-in calibration set. The latency
 harness (`evaluation.latency`) then times the patched model it returns. Input is checked before any
 model is loaded (`UserInputError`, exit code 2).
 """
