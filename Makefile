@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 # Layers 11,13 and the probe feature `logits` are what calibration picks on smol-qwen-vl (localisation;
-# transfer AUROC, the mean of leave-one-category-out and leave-one-source-out: logits 0.940, multi-layer
-# 0.937, projected-logits 0.928, hidden 0.921); fixed here so the demo does not localise or fit four candidates.
+# transfer AUROC, the mean of leave-one-category-out and leave-one-source-out, on the 1,490-prompt set:
+# logits 0.940, multi-layer 0.937, projected-logits 0.928, hidden 0.921); fixed here so the demo neither
+# localises nor fits four candidates (see results/calibration.md for what that costs).
 demo: install
 	$(PY) scripts/patch.py --model smol-qwen-vl --out $(DEMO_OUT) --layers 11,13 --probe-features logits --force
 
