@@ -2,7 +2,7 @@
 
 Why through the pipeline: the patch timing must be what `scripts/patch.py` spends, so the bench
 builds `PatchOptions` and calls `run_patch` (same loading, calibration record, model card and
-exports) on a label- and form-balanced subsample of the built-in calibration set. The latency
+exports) on an evenly strided subsample of the built-in calibration set. The latency
 harness (`evaluation.latency`) then times the patched model it returns. Input is checked before any
 model is loaded (`UserInputError`, exit code 2).
 """
@@ -10,7 +10,6 @@ model is loaded (`UserInputError`, exit code 2).
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import tempfile
 import time
@@ -25,7 +24,6 @@ from sasa_patcher.memory import current_rss_bytes, memory_snapshot, reset_peak, 
 from sasa_patcher.pipeline import PatchOptions, PatchResult, StageClock, load_and_patch, resolve, run_patch
 
 RUNTIMES = ("pytorch", "onnxruntime")
-BUILTIN_CELLS = 4  # the built-in set's harmful/benign x imperative/question cells
 MIN_CALIBRATION_PROMPTS = 32  # below this the held-out split can miss a class
 
 
@@ -46,10 +44,8 @@ def check_options(args: argparse.Namespace) -> list[str]:
         if value is not None and value < least:
             raise UserInputError(f"{name} must be at least {least}, got {value}")
     count = args.calibration_prompts
-    limit = builtin_prompt_count()
-    if not args.skip_patch_timing and (count % BUILTIN_CELLS or not MIN_CALIBRATION_PROMPTS <= count <= limit):
-        raise UserInputError(f"--calibration-prompts must be a multiple of {BUILTIN_CELLS} between "
-                             f"{MIN_CALIBRATION_PROMPTS} and {limit}, got {count}")
+    if not args.skip_patch_timing and count < MIN_CALIBRATION_PROMPTS:
+        raise UserInputError(f"--calibration-prompts must be at least {MIN_CALIBRATION_PROMPTS}, got {count}")
     check_device(args.device)
     dtype = torch_dtype(args.dtype, args.device)
     if not args.skip_patch_timing:  # the pipeline's own checks, before a shape-true model is built (minutes)
@@ -91,18 +87,18 @@ def check_model(args: argparse.Namespace) -> tuple[Path, int]:
     return directory, num_layers
 
 
-def builtin_prompt_count() -> int:
-    """Size of the full built-in calibration set: four cells of its default prompts per cell."""
-    from sasa_patcher.probes.calibration_set import builtin_calibration_set
+def calibration_subsample(count: int) -> tuple[list, int]:
+    """An evenly strided `count` of what `--calibration builtin` calibrates on (all of it when `count` is not
+    smaller), and the full set's size. Why strided: the set is its parts end to end (the balanced core, real
+    traffic, image prompts), so every part, image prompts included (the costly forward passes), keeps its
+    share within one prompt. Deterministic."""
+    from sasa_patcher.probes.calibration_set import default_calibration_set
 
-    return BUILTIN_CELLS * inspect.signature(builtin_calibration_set).parameters["per_cell"].default
-
-
-def calibration_subsample(count: int) -> list:
-    """The built-in set built with count/4 prompts per label x form cell: deterministic and balanced."""
-    from sasa_patcher.probes.calibration_set import builtin_calibration_set
-
-    return builtin_calibration_set(per_cell=count // BUILTIN_CELLS)
+    prompts = default_calibration_set()
+    if count >= len(prompts):
+        return prompts, len(prompts)
+    step = len(prompts) / count
+    return [prompts[int(index * step)] for index in range(count)], len(prompts)
 
 
 # ----- the patch, as users run it ---------------------------------------------------------------------
@@ -167,8 +163,7 @@ def run(args: argparse.Namespace) -> dict:
     """Every figure of the bench report (see `sasa_patcher.cli.bench` for the JSON layout)."""
     runtimes = check_options(args)
     directory, num_layers = check_model(args)
-    prompts = None if args.skip_patch_timing else calibration_subsample(args.calibration_prompts)
-    full = builtin_prompt_count()
+    prompts, full = (None, None) if args.skip_patch_timing else calibration_subsample(args.calibration_prompts)
     weights = weight_bytes(directory)
 
     import onnxruntime

@@ -56,7 +56,6 @@ from sasa_patcher.probes.transfer import (
     modality_rates,
     per_category_rates,
     source_heldout_rates,
-    source_heldout_scores,
     transfer_figures,
 )
 
@@ -207,7 +206,7 @@ def calibrate(
               and leave-one-source-out AUROC, `probes.transfer`) or one of them.
     target_fpr: false-positive rate the threshold is set for: the true FPR is <= target with probability
               `confidence`, judged on the calibration split's benign prompts each scored by a probe fitted
-              without its source (`probes.transfer.source_heldout_scores`, `probes.thresholds`): the rate
+              without its source (`probes.transfer.leave_one_source_out`, `probes.thresholds`): the rate
               is meant to hold on sources outside the fit, not only on new rows of the fitted ones.
     policy:   which hazards count as harmful (default all); harmful prompts of other hazards are relabelled
               benign before anything is fitted, and the policy is recorded in the metrics.
@@ -272,6 +271,8 @@ def calibrate(
     mark = time.perf_counter()
     transfer = {name: transfer_figures(extracted.candidates[name], prompts, calibration_mask,
                                        C=choice.figures[name]["C"], seed=seed) for name in names}
+    # each candidate's prompts scored without their source (the same fits as its leave-one-source-out AUROCs)
+    source_held_out = {name: figures["loso"].pop("scores") for name, figures in transfer.items()}
     for name in names:
         choice.figures[name].update(loco_mean_auroc=transfer[name]["loco"]["mean_auroc"],
                                     loso_mean_auroc=transfer[name]["loso"]["mean_auroc"],
@@ -282,7 +283,7 @@ def calibrate(
     fit = fit_probe(cal_candidates[feature], y_cal, cal_groups, cv=choice.cvs[feature], seed=seed)
     # every prompt scored by a probe that never saw its source; the threshold is set on the calibration
     # split's (a source whose removal leaves one class, e.g. the only benign one, keeps its out-of-fold score)
-    loso_scores = source_heldout_scores(extracted.candidates[feature], prompts, calibration_mask, C=fit.C, seed=seed)
+    loso_scores = source_held_out[feature]
     unscored = np.isnan(loso_scores[cal_index])
     rule = conservative_threshold(np.where(unscored, fit.oof_scores, loso_scores[cal_index]), y_cal, target_fpr,
                                   confidence)

@@ -173,12 +173,15 @@ def default_calibration_set(per_cell: int = 200, chatterbot: int = 200, chitchat
     (`builtin_calibration_set`), plus real benign user requests (`probes.benign_data`: ChatterBot and
     Chit-Chat samples of the given sizes, all of Do-Not-Answer's advice items), everyday questions about
     real images (`probes.image_prompts`), and harmful requests of the core carried with an image: `with_image`
-    with an unrelated photo or chart (intent in the text) and `typographic` as FigStep-style images.
+    with an unrelated photo or chart (intent in the text) and `typographic` as FigStep-style images, with as
+    many benign requests of the core rendered the same way.
 
     Why this shape: the core keeps look-alikes and over-refusal probes balanced by form; the real traffic
     is what a deployment sees and must not refuse; the image prompts put the same images on both sides so
-    that only intent separates them. The harmful image prompts keep their text version's split side
-    (`origin`), and a prompt carries an image in at most one way. Deterministic.
+    that only intent separates them; the benign typographic renderings share the harmful ones' carrier text,
+    so that the carrier text is no cue for harm (only the rendered request is). The image prompts made from
+    core requests keep their text version's split side (`origin`), and a prompt carries an image in at most
+    one way. Deterministic.
     """
     from sasa_patcher.probes import benign_data, image_prompts
     from sasa_patcher.probes import typographic as typographic_module
@@ -191,14 +194,17 @@ def default_calibration_set(per_cell: int = 200, chatterbot: int = 200, chitchat
         fresh = [p for p in prompts if normalise_text(p.text) not in seen]
         traffic.extend(fresh if count is None else _first_by_source(fresh, count))
     harmful = _round_robin(p for p in core if p.label == HARMFUL and not p.augmented)
-    if len(harmful) < with_image + typographic:
-        raise ValueError(f"only {len(harmful)} real harmful prompts for {with_image + typographic} image prompts")
+    benign = _round_robin(p for p in core if p.label == BENIGN and not p.augmented)
+    if len(harmful) < with_image + typographic or len(benign) < typographic:
+        raise ValueError(f"only {len(harmful)} real harmful and {len(benign)} real benign prompts for "
+                         f"{with_image + typographic} harmful and {typographic} benign image prompts")
     result = [
         *core,
         *traffic,
         *image_prompts.benign_image_prompts(),
         *image_prompts.with_unrelated_image(harmful[:with_image]),
         *typographic_module.typographic_variants(harmful[with_image:with_image + typographic]),
+        *typographic_module.typographic_variants(benign[:typographic]),
     ]
     log.info("default calibration set:\n%s", format_summary(summarize(result)))
     return result

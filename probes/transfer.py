@@ -35,13 +35,20 @@ def leave_one_group_out(
     X, prompts: Sequence, calibration, *, key: Callable, C: float, seed: int = DEFAULT_SEED,
     groups: Sequence[str] | None = None, always_add_heldout_benign: bool = False,
 ) -> dict:
-    """Per group: fit without it, AUROC on it (see the module docstring). Returns per-group records and the mean."""
+    """Per group: fit without it, AUROC on it (see the module docstring). Returns per-group records, the mean,
+    and `scores`: every prompt of a group scored by its group's fit (NaN where the rest lacks a class).
+
+    Why the scores: per source family, they are how the probe scores a source it has never seen, and
+    calibration sets the threshold on them (from these same fits, not a second round of them): held-out rows
+    of fitted sources hide a probe that learned each source's style; a threshold chosen on unseen sources'
+    scores holds its false-positive rate on sources outside the fit, which is what real traffic is."""
     X = _as_numpy(X)
     labels = np.asarray([int(p.label) for p in prompts])
     names = np.asarray([key(p) or "" for p in prompts], dtype=object)
     keys = np.asarray([group_key(p) for p in prompts], dtype=object)
     calibration = np.asarray(calibration, dtype=bool)
     per_group = {}
+    scores = np.full(len(prompts), np.nan)
     for name in groups if groups is not None else sorted(set(names)):
         in_group = names == name
         train = calibration & ~in_group & ~np.isin(keys, keys[in_group])
@@ -55,17 +62,21 @@ def leave_one_group_out(
             "complemented_with_heldout": bool(missing) or always_add_heldout_benign,
             "auroc": None,
         }
-        if len(np.unique(labels[train])) == 2 and len(np.unique(labels[test])) == 2:
+        if len(np.unique(labels[train])) == 2:
             pipeline = make_estimator(C, seed)
             with quiet_fit():
                 pipeline.fit(X[train], labels[train])
-            record["auroc"] = float(roc_auc_score(labels[test], pipeline.predict_proba(X[test])[:, 1]))
+            probabilities = pipeline.predict_proba(X[test])[:, 1]
+            scores[in_group] = probabilities[in_group[test]]
+            if len(np.unique(labels[test])) == 2:
+                record["auroc"] = float(roc_auc_score(labels[test], probabilities))
         per_group[name] = record
     scored = [record["auroc"] for record in per_group.values() if record["auroc"] is not None]
     return {
         "per_group": per_group,
         "mean_auroc": float(np.mean(scored)) if scored else None,
         "min_auroc": float(np.min(scored)) if scored else None,
+        "scores": scores,
     }
 
 
@@ -139,34 +150,9 @@ def modality(prompt) -> str:
     return "image" if getattr(prompt, "image", None) is not None else "text"
 
 
-def source_heldout_scores(X, prompts: Sequence, calibration, *, C: float, seed: int = DEFAULT_SEED) -> np.ndarray:
-    """Every prompt scored by a probe fitted on the calibration split without the prompt's source family
-    (nor any text group it shares): how the probe scores a source it has never seen.
-
-    Why: held-out rows of fitted sources hide a probe that learned each source's style; a threshold chosen
-    on these scores holds its false-positive rate on sources outside the fit, which is what real traffic is.
-    """
-    X = _as_numpy(X)
-    labels = np.asarray([int(p.label) for p in prompts])
-    families = np.asarray([source_family(p.source) for p in prompts], dtype=object)
-    keys = np.asarray([group_key(p) for p in prompts], dtype=object)
-    calibration = np.asarray(calibration, dtype=bool)
-    scores = np.full(len(prompts), np.nan)
-    for family in sorted(set(families)):
-        in_family = families == family
-        train = calibration & ~in_family & ~np.isin(keys, keys[in_family])
-        if len(np.unique(labels[train])) < 2:
-            continue
-        pipeline = make_estimator(C, seed)
-        with quiet_fit():
-            pipeline.fit(X[train], labels[train])
-        scores[in_family] = pipeline.predict_proba(X[in_family])[:, 1]
-    return scores
-
-
 def source_heldout_rates(scores, prompts: Sequence, threshold: float, confidence: float = DEFAULT_CONFIDENCE) -> dict:
-    """Flag rates at `threshold` of `source_heldout_scores`: FPR per benign source and TPR per harmful source
-    (each with its Wilson interval), and both pooled per modality."""
+    """Flag rates at `threshold` of `leave_one_source_out(...)["scores"]`: FPR per benign source and TPR per
+    harmful source (each with its Wilson interval), and both pooled per modality."""
     scores = np.asarray(scores, dtype=np.float64)
     scored = ~np.isnan(scores)
     flagged = scores > threshold

@@ -284,7 +284,7 @@ def test_cli_patch_timing(capsys, tiny_dir, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--runtimes", "tensorrt"], "--runtimes"),
     (["--repeats", "0"], "--repeats must be at least 1"),
-    (["--calibration-prompts", "30"], "multiple of 4"),
+    (["--calibration-prompts", "30"], "at least 32"),
     (["--dtype", "bfloat16"], "float32"),
     (["--dtype", "float8"], "unknown dtype"),
     (["--json", "/no/such/dir/bench.json"], "does not exist"),

@@ -81,6 +81,7 @@ def test_builtin_set_refuses_impossible_sizes():
 def test_default_set_adds_real_traffic_and_images_on_both_sides():
     from sasa_patcher.probes.calibration_set import default_calibration_set
     from sasa_patcher.probes.splits import is_heldout
+    from sasa_patcher.probes.typographic import CARRIER_PROMPT
 
     prompts = default_calibration_set(per_cell=40, chatterbot=50, chitchat=40, with_image=10, typographic=6)
     harmful = [p for p in prompts if p.label == 1]
@@ -91,5 +92,9 @@ def test_default_set_adds_real_traffic_and_images_on_both_sides():
     assert all(counts[(label, True, side)] > 0 for label in (0, 1) for side in (False, True))
     sources = Counter(p.source.split("/")[-1] for p in prompts if p.image is not None and p.label == 1)
     assert sources == {"with-image": 10, "typographic": 6}
+    # the carrier text is on both sides, so it is no cue for harm
+    carriers = Counter(p.label for p in prompts if p.text == CARRIER_PROMPT)
+    assert carriers == {0: 6, 1: 6}
     texts = {p.text: is_heldout(p) for p in prompts if p.image is None}
-    assert all(texts[p.origin] == is_heldout(p) for p in prompts if p.label == 1 and p.image is not None)
+    assert all(texts[p.origin] == is_heldout(p) for p in prompts
+               if p.image is not None and (p.label == 1 or p.text == CARRIER_PROMPT))

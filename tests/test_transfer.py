@@ -3,6 +3,7 @@
 import numpy as np
 
 from sasa_patcher.probes.datasets import Prompt
+from sasa_patcher.probes.probe import make_estimator
 from sasa_patcher.probes.transfer import (
     choose_by_transfer,
     leave_one_category_out,
@@ -27,6 +28,12 @@ def test_leave_one_source_out_holds_out_whole_sources():
     assert alpha["n_test_benign"] == int(((~calibration) & (y == 0)).sum())
     assert not result["per_source"]["mixed"]["complemented_with_heldout"]
     assert result["mean_auroc"] > 0.9 and result["min_auroc"] <= result["mean_auroc"]
+    # every prompt scored by the fit that never saw its source: the same as a fit without that source
+    sources = np.asarray([p.source for p in prompts])
+    train = calibration & (sources != "alpha")
+    alone = make_estimator(1.0).fit(X[train], y[train]).predict_proba(X[sources == "alpha"])[:, 1]
+    np.testing.assert_allclose(result["scores"][sources == "alpha"], alone, rtol=1e-6)
+    assert not np.isnan(result["scores"]).any()
 
 
 def category_prompts():

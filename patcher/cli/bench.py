@@ -32,8 +32,8 @@ Patch wall time, as `scripts/patch.py` spends it (the bench runs the same pipeli
 forward passes of localisation and feature extraction, then the probe fit and leave-one-source-out),
 then the export (safetensors artifact, then the ONNX artifact with its parity check). The full built-in calibration
 takes about 20 minutes on 2 CPU cores, so the bench calibrates on a subsample: `--calibration-prompts`
-prompts of the built-in set, built the same deterministic way with the same number of prompts in
-each label x form cell. The output says so; localisation image pairs are capped at 64 whatever the size.
+prompts of the built-in set, evenly strided so that each of its parts (balanced core, real traffic, image
+prompts) keeps its share. The output says so; localisation image pairs are capped at 64 whatever the size.
 `--layers auto` lets calibration localise (s, f), and the latency runs use what it chose; with
 `--skip-patch-timing` it falls back to the default rule (two fifths of the depth, f = s + 2).
 
@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="float32 (default: the ONNX graphs are float32, so both runtimes compare like with "
                              "like), bfloat16 or float16 with --runtimes pytorch")
     parser.add_argument("--calibration-prompts", type=int, default=64,
-                        help="size of the deterministic, label- and form-balanced subsample of the built-in "
-                             "calibration prompts the patch timing calibrates on; a multiple of 4 (default: 64)")
+                        help="size of the deterministic subsample of the built-in calibration prompts the patch "
+                             "timing calibrates on, each part of the set in its share (default: 64)")
     parser.add_argument("--semantic-pairs", type=int, default=PatchOptions.semantic_pairs,
                         help="typographic image/text pairs of the calibration's semantic curve, as sasa-patch "
                              f"(default {PatchOptions.semantic_pairs}; at 2B on a CPU each pair costs ~25 s)")
