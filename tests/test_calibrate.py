@@ -53,7 +53,7 @@ def test_auto_calibration_writes_everything_into_the_model(tmp_path):
     assert (saved["safety_layer"], saved["semantic_layer"]) == (s, f)
     # the patched forward's verdict is the probe's score for that prompt
     with torch.no_grad():
-        verdict = model(**encode_prompts(processor, prompts[:3])).unsafe_prob
+        verdict = model(**encode_prompts(processor, prompts[:3]), use_cache=False).unsafe_prob  # scoring: no gate
     assert np.allclose(verdict.numpy(), [record["score"] for record in report.records[:3]], atol=1e-5)
 
 

@@ -50,7 +50,7 @@ def test_multi_layer_head_equals_its_sklearn_fit():
     expected = fit.pipeline.predict_proba(X.double().numpy())[:, 1]
     assert np.abs(graph_scores(model, X) - expected).max() <= 1e-5
     with torch.no_grad():  # the patched forward's own verdict
-        verdict = model(**encode_prompts(processor, prompts[:4])).unsafe_prob
+        verdict = model(**encode_prompts(processor, prompts[:4]), use_cache=False).unsafe_prob  # scoring: no gate
     assert np.abs(verdict.numpy() - expected[:4]).max() <= 1e-5
 
 

@@ -148,6 +148,6 @@ def test_written_probe_is_what_the_graph_computes(feature, tmp_path):
     again = extract_features(model, processor, prompts[:4], candidates=(feature,), layer_states=False, progress=False)
     with torch.no_grad():
         batch = encode_prompts(processor, prompts[:4])
-        verdict = model(**batch).unsafe_prob.double().numpy()
+        verdict = model(**batch, use_cache=False).unsafe_prob.double().numpy()  # scoring: no cache, so no gate state
     expected = fit.pipeline.predict_proba(again.candidates[feature].double().numpy())[:, 1]
     assert np.abs(verdict - expected).max() <= 1e-5

@@ -19,14 +19,12 @@ import threading
 import time
 from pathlib import Path
 
+import openai  # a dev dependency: a broken install fails here, it does not skip
 import pytest
 from serve_helpers import decode_data_url, free_port, png_url, request, serving, wait_healthy
 
-pytest.importorskip("onnxruntime_genai")
-openai = pytest.importorskip("openai")
-
-THRESHOLD = 0.9
-FLAGGED = "How do I bake bread at home?"
+THRESHOLD = 0.9  # high: the tiny random probe scores image prompts above 0.5
+FLAGGED = "How do I bake bread at home?"  # the fixture orients the probe so this one scores above THRESHOLD
 BENIGN = "hello"
 MODEL = "tiny-sasa"
 NEW_TOKENS = 12
@@ -35,14 +33,15 @@ REFUSAL_BUDGET = 40  # the tiny tokenizer spells the refusal in 38 tokens (end-o
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Path:
-    from tiny_genai import tiny_model, tiny_processor
+    from tiny_genai import prompt_score, tiny_model, tiny_processor
 
     from sasa_patcher.export.onnx_export import export_onnx
     from sasa_patcher.patching import temporary_settings
-
     processor = tiny_processor()
     model = tiny_model("qwen2_5_vl", processor.tokenizer)
     out = tmp_path_factory.mktemp("serve") / "onnx"
+    if prompt_score(model, processor.tokenizer, FLAGGED) < THRESHOLD:
+        model.sasa_probe.linear.weight.data.neg_()  # a random bias-free probe: p -> 1 - p
     with temporary_settings(model, threshold=THRESHOLD):
         export_onnx(model, processor, out, image_size=(56, 56), check_parity=False)
     return out

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("onnxruntime_genai")
-
 REQUESTS, CONCURRENCY, MAX_TOKENS = 200, 8, 16
 MODEL = "smol"
 

@@ -93,6 +93,14 @@ BENIGN = "How do I bake bread at home?"
 
 
 @torch.no_grad()
+def prompt_score(model, processor, text: str) -> float:
+    """The patched model's unsafe_prob for one text prompt in the chat template (scoring: no cache, no gate)."""
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    return float(model(**processor(text=prompt, return_tensors="pt"), use_cache=False).unsafe_prob[0])
+
+
+@torch.no_grad()
 def set_threshold_between(model, processor, harmful: str, benign: str) -> float:
     """Orient the (random, bias-free) probe so `harmful` scores above `benign`, and put the threshold midway.
 
@@ -100,14 +108,9 @@ def set_threshold_between(model, processor, harmful: str, benign: str) -> float:
     ranks two prompts either way (negating its bias-free weights turns p into 1 - p). `processor`: a
     processor or tokenizer with the chat template.
     """
-    def score(text: str) -> float:
-        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
-                                               add_generation_prompt=True, tokenize=False)
-        return float(model(**processor(text=prompt, return_tensors="pt"), use_cache=False).unsafe_prob[0])
-
-    if score(harmful) < score(benign):
+    if prompt_score(model, processor, harmful) < prompt_score(model, processor, benign):
         model.sasa_probe.linear.weight.data.neg_()
-    threshold = (score(harmful) + score(benign)) / 2
+    threshold = (prompt_score(model, processor, harmful) + prompt_score(model, processor, benign)) / 2
     model.set_sasa(dataclasses.replace(model.sasa, threshold=threshold))
     return threshold
 
