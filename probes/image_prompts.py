@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -35,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sasa_patcher.cache import user_cache_dir
-from sasa_patcher.probes import wheel_data
+from sasa_patcher.probes import typographic, wheel_data
 from sasa_patcher.probes.datasets import BENIGN, Prompt, categorised, normalise_text
 from sasa_patcher.probes.splits import DEFAULT_HELDOUT_FRACTION, unit_hash
 from sasa_patcher.probes.typographic import _font, _wrap
@@ -102,16 +99,8 @@ def _png(image: Image.Image, side: int) -> bytes:
 
 
 def store_png(data: bytes, cache_dir: Path | None = None) -> Path:
-    """Store PNG bytes as <sha256>.png (atomically; kept if present) and return the path."""
-    folder = Path(cache_dir) if cache_dir is not None else images_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
-    if not path.exists():
-        handle, tmp = tempfile.mkstemp(prefix=".image-", suffix=".png", dir=folder)
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    return path
+    """Store PNG bytes as <sha256>.png in the image cache (or `cache_dir`) and return the path."""
+    return typographic.store_png(data, Path(cache_dir) if cache_dir is not None else images_dir())
 
 
 def photos(side: int = DEFAULT_SIDE, cache_dir: Path | None = None) -> list[tuple[str, Path]]:

