@@ -242,17 +242,11 @@ class GenAiVlm:
     def __init__(self, onnx_dir):
         import onnxruntime_genai as og
 
-        from sasa_patcher.export.onnx_runtime import ArtifactError, load_config
+        from sasa_patcher.export.onnx_runtime import ArtifactError, load_config  # lazy: onnx_runtime imports this
 
         self.og, self.dir = og, Path(onnx_dir)
         genai = read_genai_config(self.dir)
         self.config = load_config(self.dir)  # the same checks as the ONNX Runtime path
-        try:
-            sasa = self.config["sasa"]
-            self.threshold = sasa["threshold"] if sasa["mode"] == "gate" else None
-        except (KeyError, TypeError) as error:
-            raise ArtifactError(f"{self.dir / CONFIG_NAME} lacks sasa.{error.args[0] if error.args else ''}: "
-                                "re-export the artifact") from None
         try:
             self.model = og.Model(str(self.dir))
             self.processor = self.model.create_multimodal_processor()
@@ -299,7 +293,7 @@ class GenAiVlm:
         warning (as in the project's runtime)."""
         import warnings
 
-        from sasa_patcher.export.onnx_runtime import PromptTooLongError
+        from sasa_patcher.export.onnx_runtime import PromptTooLongError, gate_flags
 
         length = inputs["input_ids"].as_numpy().shape[-1]
         if length >= self.context_length:
@@ -323,7 +317,7 @@ class GenAiVlm:
             tokens.append(int(generator.get_next_tokens()[0]))
             if on_token is not None:
                 on_token(tokens[-1])
-        return tokens, unsafe_prob, self.threshold is not None and unsafe_prob > self.threshold
+        return tokens, unsafe_prob, bool(gate_flags(self.config["sasa"], unsafe_prob))
 
     def answer(self, prompt: str, images: list | None = None, max_new_tokens: int = 256) -> str:
         """Greedy answer to one prompt (the graph's refusal when gate mode flags it)."""

@@ -74,7 +74,8 @@ def load_config(onnx_dir: Path) -> dict:
                 graphs[name].update(graph)
         for name in GRAPHS:
             graphs[name]["file"]
-        config["sasa"], config["eos_token_id"], config["hidden_size"], config["cache"]
+        config["sasa"]["mode"], config["sasa"]["threshold"], config["eos_token_id"], config["hidden_size"]
+        config["cache"]
     except (KeyError, TypeError) as error:
         raise ArtifactError(f"{onnx_dir / CONFIG_NAME} (or {GENAI_CONFIG_NAME}) lacks the key {error}: "
                             "re-export the artifact") from None
@@ -87,6 +88,14 @@ def load_config(onnx_dir: Path) -> dict:
 def default_providers() -> list[str]:
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
+
+
+def gate_flags(sasa: dict, unsafe_prob) -> np.ndarray:
+    """The rows the graph's gate refused (gate mode, unsafe_prob above the stored threshold): the graph has already
+    acted on it; both runtimes read it back this one way, for reporting."""
+    if sasa["mode"] != "gate" or sasa["threshold"] is None:
+        return np.zeros(np.shape(unsafe_prob), bool)
+    return np.asarray(unsafe_prob) > sasa["threshold"]
 
 
 # ----- the artifact ------------------------------------------------------------------------------------
@@ -151,11 +160,6 @@ class OnnxVlm:
     @property
     def context_length(self) -> int | None:
         return self.config.get("context_length")
-
-    @property
-    def flaggable(self) -> bool:
-        sasa = self.config["sasa"]
-        return sasa["mode"] == "gate" and sasa["threshold"] is not None
 
     @property
     def tokenizer(self):
@@ -246,7 +250,7 @@ class OnnxVlm:
         position_ids, deltas = self.prefill_positions(input_ids, attention_mask, grids or None)
         logits, unsafe_prob, *past = self.run_decoder(embeds, attention_mask, position_ids, self.empty_cache(batch),
                                                       self.extra_inputs(input_ids))
-        flagged = unsafe_prob > self.config["sasa"]["threshold"] if self.flaggable else np.zeros(batch, bool)
+        flagged = gate_flags(self.config["sasa"], unsafe_prob)
         prefill_logits, step_logits = logits, []
         hidden = self.config["hidden_size"]
         no_images = np.zeros((0, hidden), np.float32)
