@@ -86,13 +86,12 @@ def client(server):
 def greedy(runtime, text: str, images=(), max_new_tokens: int = NEW_TOKENS) -> tuple[str, float, bool]:
     """The runtime's own greedy tokens for one prompt (no server), decoded with the artifact's tokenizer.json as the
     server decodes them; its verdict and flag."""
-    from tokenizers import Tokenizer
+    from sasa_patcher.serving.runtime import ServedModel
 
     tokens, unsafe_prob, flagged = runtime.generate(runtime.inputs(text, [decode_data_url(u) for u in images]),
                                                     max_new_tokens)
     eos = set(runtime.config["eos_token_id"])
-    tokenizer = Tokenizer.from_file(str(runtime.dir / "tokenizer.json"))
-    text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+    text = ServedModel(runtime, MODEL).decode([t for t in tokens if t not in eos])
     return text, unsafe_prob, flagged
 
 

@@ -28,9 +28,8 @@ def embedded_artifact(tmp_path_factory):
 
 def alone(runtime, body: dict) -> str:
     """The runtime's greedy answer to one workload request, with no server and no other request."""
-    from tokenizers import Tokenizer
-
     from sasa_patcher.serving.images import ImageLimits, load_image
+    from sasa_patcher.serving.runtime import ServedModel
 
     content = body["messages"][0]["content"]
     parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
@@ -39,8 +38,7 @@ def alone(runtime, body: dict) -> str:
     text = next(part["text"] for part in parts if part["type"] == "text")
     tokens, _, _ = runtime.generate(runtime.inputs(text, images), body["max_tokens"])
     eos = set(runtime.config["eos_token_id"])
-    tokenizer = Tokenizer.from_file(str(runtime.dir / "tokenizer.json"))  # the artifact's, as the server decodes
-    return tokenizer.decode([token for token in tokens if token not in eos], skip_special_tokens=True)
+    return ServedModel(runtime, "alone").decode([token for token in tokens if token not in eos])  # as the server
 
 
 @pytest.mark.slow
