@@ -49,7 +49,12 @@ from sasa_patcher.probes.probe import (
 )
 from sasa_patcher.probes.splits import DEFAULT_HELDOUT_FRACTION, group_key, is_heldout
 from sasa_patcher.probes.taxonomy import Policy, apply_policy
-from sasa_patcher.probes.thresholds import DEFAULT_CONFIDENCE, conservative_threshold, rate_with_interval
+from sasa_patcher.probes.thresholds import (
+    DEFAULT_CONFIDENCE,
+    conservative_threshold,
+    rate_with_interval,
+    unseen_source_threshold,
+)
 from sasa_patcher.probes.transfer import (
     choose_by_transfer,
     modality,
@@ -284,9 +289,7 @@ def calibrate(
     # every prompt scored by a probe that never saw its source; the threshold is set on the calibration
     # split's (a source whose removal leaves one class, e.g. the only benign one, keeps its out-of-fold score)
     loso_scores = source_held_out[feature]
-    unscored = np.isnan(loso_scores[cal_index])
-    rule = conservative_threshold(np.where(unscored, fit.oof_scores, loso_scores[cal_index]), y_cal, target_fpr,
-                                  confidence)
+    rule = unseen_source_threshold(loso_scores[cal_index], fit.oof_scores, y_cal, target_fpr, confidence)
     rows_rule = conservative_threshold(fit.oof_scores, y_cal, target_fpr, confidence)  # for comparison only
     threshold = rule.threshold
     timings["fit_s"] = time.perf_counter() - mark
@@ -365,7 +368,7 @@ def calibrate(
                            "1 - confidence on the calibration split's benign scores, each prompt scored by a probe "
                            "fitted without its source (leave-one-source-out)"},
         "threshold_rows_rule": alternative,
-        "threshold_benign_source_held_out": int((~unscored & (y_cal == 0)).sum()),
+        "threshold_benign_source_held_out": int((~np.isnan(loso_scores[cal_index]) & (y_cal == 0)).sum()),
         "heldout_by_modality": per_modality,
         "loso_fpr_by_source": loso_rates["fpr_by_source"],
         "loso_tpr_by_source": loso_rates["tpr_by_source"],

@@ -93,6 +93,21 @@ def conservative_threshold(
     )
 
 
+def unseen_source_threshold(
+    source_held_out, out_of_fold, labels, target_fpr: float, confidence: float = DEFAULT_CONFIDENCE
+) -> ThresholdChoice:
+    """`conservative_threshold` on each prompt's score from a probe fitted without its source
+    (`probes.transfer.leave_one_source_out`), its out-of-fold score where that is NaN (a source whose removal
+    leaves one class, e.g. the only benign one).
+
+    Why: the false-positive rate must hold on sources outside the fit (real traffic), not only on new rows of
+    the fitted ones; calibration ships this threshold and the probe-ceiling measurement judges by it.
+    """
+    source_held_out = np.asarray(source_held_out, dtype=np.float64)
+    scores = np.where(np.isnan(source_held_out), np.asarray(out_of_fold, dtype=np.float64), source_held_out)
+    return conservative_threshold(scores, labels, target_fpr, confidence)
+
+
 def wilson_interval(successes: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float] | None:
     """Two-sided Wilson score interval for a binomial proportion (None when n == 0)."""
     if n <= 0:
