@@ -12,11 +12,12 @@ entry), an L2-penalised linear model's weights lie in the span of the (standardi
 so the fit is done in an orthonormal basis of that span (`RowSpace`): same optimum, n x n instead of
 n x V. The basis is folded into the weights with the standardisation.
 
-The decision threshold is chosen on the calibration split's out-of-fold scores (each prompt scored by
-the fold model that did not see it, at the chosen C): in-sample scores of a probe with more features
-than prompts separate almost perfectly and would put the threshold where held-out benign prompts
-are flagged far more often than the target rate. Held-out data is used for neither the fit, nor C,
-nor the threshold: only for the figures.
+The decision threshold is not chosen here: calibration sets it on scores the probe never fitted
+(`probes.thresholds.unseen_source_threshold`: each prompt scored by a probe fitted without its source, its
+out-of-fold score from here where that leaves one class). In-sample scores of a probe with more features
+than prompts separate almost perfectly and would put the threshold where new benign prompts are flagged
+far more often than the target rate. Held-out data is used for neither the fit, nor C, nor the threshold:
+only for the figures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -229,26 +229,6 @@ def fit_probe(
 
 
 # ----- threshold and figures ------------------------------------------------------------------------
-def choose_threshold(scores, labels, target_fpr: float) -> float:
-    """The lowest probability threshold whose false-positive rate on (scores, labels) is <= target.
-
-    A prompt is flagged when its score is strictly above the threshold (as in the graph). With n
-    benign scores, at most floor(target * n) of them may lie above it, so the threshold is the
-    (k+1)-th highest benign score for k = floor(target * n): the lowest such value, which flags the
-    most harmful prompts at that false-positive rate.
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    if not 0.0 <= target_fpr <= 1.0:
-        raise ValueError(f"target_fpr must be in [0, 1], got {target_fpr}")
-    negatives = np.sort(scores[labels == 0])[::-1]
-    if len(negatives) == 0:
-        raise ValueError("choosing a threshold at a false-positive rate needs benign (label 0) scores")
-    allowed = math.floor(target_fpr * len(negatives) + 1e-9)
-    if allowed >= len(negatives):
-        return 0.0
-    return float(min(max(negatives[allowed], 0.0), 1.0))
-
-
 def operating_point(scores, labels, threshold: float) -> dict:
     """AUROC, and TPR / FPR of `score > threshold`, with the counts they come from."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)

@@ -356,3 +356,35 @@ def test_gemma3_artifact_with_its_processor_prompts_and_generates_like_pytorch(t
     expected = processor(text=[text], images=[[image]], return_tensors="pt")
     assert ids.tolist() == expected["input_ids"].tolist()
     assert np.abs(prepared[0].pixel_values - expected["pixel_values"].numpy()).max() <= 1e-5
+
+
+def test_parity_failures_name_each_figure_outside_its_tolerance():
+    from sasa_patcher.export.onnx_parity import parity_failures
+
+    good = {"name": "text", "logits_max_abs_diff": 5e-5, "decode_logits_max_abs_diff": 1e-5, "logits_max_abs": 12.0,
+            "unsafe_prob_max_abs_diff": 1e-7, "tokens_identical": True}
+    assert parity_failures([good]) == []
+    # relative tolerance: 1e-5 x the largest logit (here 1.2e-4) when that exceeds the absolute 1e-4
+    bad = {**good, "name": "image", "decode_logits_max_abs_diff": 1.6e-4, "unsafe_prob_max_abs_diff": 2e-5,
+           "tokens_identical": False}
+    failures = parity_failures([good, bad])
+    assert len(failures) == 3 and all(f.startswith("image: ") for f in failures)
+    assert "1.60e-04 (tolerance 1.20e-04)" in failures[0] and "greedy tokens" in failures[2]
+
+
+def test_export_warns_when_parity_fails(monkeypatch, tmp_path):
+    from sasa_patcher.export import onnx_export
+    from sasa_patcher.modeling_sasa import SasaSettings
+    from sasa_patcher.patching import patch_model
+    from tiny_models import FAMILIES
+
+    family = next(family for family in FAMILIES if family.name == "qwen2_vl")
+    model = patch_model(family.build(), SasaSettings(1, 3, refusal_token_ids=[7, 8, 9, 1]))
+    failing = {"passed": False, "failures": ["text: the greedy tokens differ"], "worst": {}, "cases": []}
+    monkeypatch.setattr(onnx_export, "compare_references", lambda *args, **kwargs: failing)
+    lines = []
+    summary = onnx_export.export_onnx(model, None, tmp_path, image_size=(56, 56), log=lines.append,
+                                      parity_cases=[{"name": "text", **family.make_batch([9], [False])}])
+    assert summary["parity"] is failing
+    warning = [line for line in lines if line.startswith("WARNING")]
+    assert len(warning) == 1 and "text: the greedy tokens differ" in warning[0]
