@@ -50,6 +50,7 @@ from sasa_patcher.export.onnx_graphs import export_decoder
 from sasa_patcher.export.onnx_runtime import text_positions
 from sasa_patcher.modeling_sasa import (
     CACHE_KEY,
+    MULTI_LAYER_FEATURES,
     PROJECTED_FEATURES,
     SasaSettings,
     default_probe_layers,
@@ -84,20 +85,20 @@ def layer_floors(num_layers: int, safety_layer: int, semantic_layer: int, probe_
 
     prefill (gate): all L layers of the original stream; the probe's second pass over layers s+1..L-1 only
         when it reads the projected stream (`projected-logits`, `hidden`): 1 + (L-s-1)/L. With `logits` or
-        `multi-layer` the probe reads the original stream already there (one forward plus the head): 1.
+        a multi-layer feature the probe reads the original stream already there (one forward plus the head): 1.
     prefill_augment: the original stream up to f and the projected stream s+1..L-1, ((f+1) + (L-s-1))/L,
-        plus the original layers f+1..L-1 when the probe reads them (`logits`, or `multi-layer` with a
-        probe layer above f).
+        plus the original layers f+1..L-1 when the probe reads them (`logits`, or a multi-layer feature
+        with a probe layer above f).
     decode_gate: the original stream only: 1.
     decode_augment: the two cached streams of `sasa_serving_streams`, ((f+1) + (L-s-1))/L.
     """
-    layers = list(probe_layers) or (default_probe_layers(num_layers) if probe_features == "multi-layer" else [])
+    layers = list(probe_layers) or (default_probe_layers(num_layers) if probe_features in MULTI_LAYER_FEATURES else [])
     SasaSettings(safety_layer, semantic_layer, probe_features=probe_features, probe_layers=layers).validate(num_layers)
     length, s, f = num_layers, safety_layer, semantic_layer
     second_pass = length - s - 1
     augment_streams = (f + 1) + second_pass
     reads_projected = probe_features in PROJECTED_FEATURES
-    reads_original_above_f = probe_features == "logits" or (probe_features == "multi-layer" and max(layers) > f)
+    reads_original_above_f = probe_features == "logits" or (probe_features in MULTI_LAYER_FEATURES and max(layers) > f)
     return {
         "prefill": (length + (second_pass if reads_projected else 0)) / length,
         "prefill_augment": (augment_streams + (length - f - 1 if reads_original_above_f else 0)) / length,

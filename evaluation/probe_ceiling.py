@@ -62,8 +62,9 @@ def prompt_states(model, processor, prompts: Sequence, layers: Sequence[int], *,
         output = model(**batch, output_hidden_states=True, use_cache=False)
         states = torch.stack([output.hidden_states[layer + 1] for layer in layers], 1).float()  # [B, K, T, D]
         text = (batch["attention_mask"].bool() & (batch["input_ids"] != image_token)).float()  # [B, T]
-        found["logits"].append(output.logits[:, -1].float())
-        found["last"].append(states[:, :, -1])
+        # copies: a slice would keep the whole batch's [B, T, V] logits and [B, K, T, D] states alive
+        found["logits"].append(output.logits[:, -1].float().clone())
+        found["last"].append(states[:, :, -1].clone())
         found["text_mean"].append((states * text[:, None, :, None]).sum(2) / text.sum(1)[:, None, None])
     inverse = np.argsort(np.asarray(order))
     return {name: torch.cat(parts).numpy()[inverse] for name, parts in found.items()}

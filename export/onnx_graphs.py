@@ -191,9 +191,10 @@ class DecoderGraph(nn.Module):
 
         def prompt_probe(h_s, h_f):
             # Traced for every shape: the uncached passes see only the chunk's own keys.
-            # every layer output is passed (the multi-layer probe reads several; the others read s and f)
+            # every layer output is passed (the multi-layer probes read several; the others read s and f)
             features = model.sasa_probe_features(text_model, {**per_layer, s: h_s, f: h_f}, original, projected,
-                                                 chunk_masks(masks, past_length), rotary, text_pos, rows, last)
+                                                 chunk_masks(masks, past_length), rotary, text_pos, rows, last,
+                                                 attention_mask=attention_mask)
             return model.sasa_probe(features[model.sasa.probe_features])
 
         def not_computed(h_s, h_f):

@@ -42,12 +42,20 @@ from transformers.utils import ModelOutput
 
 PROJECTION_MODES = ("replace", "residual", "interpolate")
 SERVING_MODES = ("gate", "augment")
-PROBE_FEATURES = ("projected-logits", "logits", "hidden", "multi-layer")
+PROBE_FEATURES = ("projected-logits", "logits", "hidden", "multi-layer", "multi-layer-pooled")
 PROJECTED_FEATURES = ("projected-logits", "hidden")  # the features read from the projected stream
 # "multi-layer": the original stream's outputs of `probe_layers` at the last prompt position, concatenated;
 # by default four evenly spaced middle layers (8, 12, 16, 20 of 30), which transfer to unseen hazards better
 # than any single layer's state.
 MULTI_LAYER_FRACTIONS = (0.27, 0.4, 0.53, 0.67)
+# "multi-layer-pooled": per probe layer, the last prompt position's state and the mean over the last
+# POOLED_TOKENS prompt positions (pads left out). Why: an image placed before the text shifts the last
+# position's state; the tail of the prompt (the request's last words and the template) carries the intent
+# whatever came before it. 16 is what leave-one-source-out AUROC picked among 8, 16, 32 on smol-qwen-vl
+# (results/probe-ceiling.md). The window needs no image mask, so every runtime computes it from the
+# attention mask alone.
+POOLED_TOKENS = 16
+MULTI_LAYER_FEATURES = ("multi-layer", "multi-layer-pooled")  # the features that read `probe_layers`
 
 
 def default_probe_layers(num_layers: int) -> list[int]:
@@ -77,7 +85,7 @@ class SasaSettings:
     refusal_text: str = DEFAULT_REFUSAL
     refusal_token_ids: list[int] = field(default_factory=list)
     probe_features: str = "projected-logits"
-    probe_layers: list[int] = field(default_factory=list)  # the layers of the "multi-layer" feature
+    probe_layers: list[int] = field(default_factory=list)  # the layers of the MULTI_LAYER_FEATURES
     threshold: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -96,8 +104,9 @@ class SasaSettings:
             raise ValueError(f"mode must be one of {SERVING_MODES}, got {self.mode!r}")
         if self.probe_features not in PROBE_FEATURES:
             raise ValueError(f"probe_features must be one of {PROBE_FEATURES}, got {self.probe_features!r}")
-        if self.probe_features == "multi-layer" and not self.probe_layers:
-            raise ValueError("the multi-layer probe needs probe_layers (e.g. default_probe_layers(num_layers))")
+        if self.probe_features in MULTI_LAYER_FEATURES and not self.probe_layers:
+            raise ValueError(f"the {self.probe_features} probe needs probe_layers "
+                             "(e.g. default_probe_layers(num_layers))")
         bad = [layer for layer in self.probe_layers if not 0 <= layer < num_layers]
         if bad or len(set(self.probe_layers)) != len(self.probe_layers):
             raise ValueError(f"probe_layers must be distinct layers in 0..{num_layers - 1}, got {self.probe_layers}")
@@ -276,6 +285,21 @@ def last_token_index(attention_mask: torch.Tensor | None, seq_len: int, batch: i
     return seq_len - 1 - chunk.flip(-1).argmax(-1)
 
 
+def tail_weights(attention_mask: torch.Tensor | None, seq_len: int, last: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B, T] float32: 1 at the last `tokens` prompt positions of the chunk up to `last` that are not pads."""
+    positions = torch.arange(seq_len, device=last.device)[None, :]
+    window = (positions <= last[:, None]) & (positions > last[:, None] - tokens)
+    if attention_mask is not None and attention_mask.ndim == 2:
+        window = window & attention_mask[:, -seq_len:].bool()
+    return window.float()
+
+
+def tail_mean(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The mean of `states` [B, T, D] over the positions `weights` marks (computed in float32)."""
+    total = (states.float() * weights[..., None]).sum(1)
+    return (total / weights.sum(1, keepdim=True).clamp_min(1.0)).to(states.dtype)
+
+
 class SasaMixin:
     """The generic two-pass forward and generation; adapters below supply the architecture bits."""
 
@@ -292,7 +316,8 @@ class SasaMixin:
         settings.validate(text_config.num_hidden_layers)
         reference = self.get_output_embeddings().weight
         in_features = {"hidden": text_config.hidden_size,
-                       "multi-layer": text_config.hidden_size * len(settings.probe_layers)}.get(
+                       "multi-layer": text_config.hidden_size * len(settings.probe_layers),
+                       "multi-layer-pooled": 2 * text_config.hidden_size * len(settings.probe_layers)}.get(
             settings.probe_features, reference.shape[0])
         self.sasa_semantic_map = SemanticMap(text_config.hidden_size).to(reference.device, reference.dtype)
         self.sasa_probe = ProbeHead(in_features).to(reference.device)
@@ -305,7 +330,8 @@ class SasaMixin:
         """Replace the settings that do not change tensor shapes (layers, modes, threshold, text)."""
         settings.validate(self.config.get_text_config().num_hidden_layers)
         if settings.probe_features != self.sasa.probe_features or (
-            settings.probe_features == "multi-layer" and list(settings.probe_layers) != list(self.sasa.probe_layers)
+            settings.probe_features in MULTI_LAYER_FEATURES
+            and list(settings.probe_layers) != list(self.sasa.probe_layers)
         ):
             raise ValueError("changing probe_features (or probe_layers) changes the probe: call init_sasa instead")
         self.sasa = settings
@@ -450,7 +476,7 @@ class SasaMixin:
             last = last_token_index(attention_mask, seq_len, batch, embeds.device)
             features = self.sasa_probe_features(
                 text_model, per_layer, original, projected, chunk_masks(masks, past_length), rotary, text_pos, rows,
-                last, wanted,
+                last, wanted, attention_mask=attention_mask,
             )
             if settings.probe_features in features:  # absent only when the caller asked for other candidates
                 unsafe_prob = self.sasa_probe(features[settings.probe_features])
@@ -515,7 +541,8 @@ class SasaMixin:
         return projected
 
     def sasa_probe_features(
-        self, text_model, per_layer, original, projected, masks, rotary, text_pos, rows, last, wanted=None
+        self, text_model, per_layer, original, projected, masks, rotary, text_pos, rows, last, wanted=None,
+        attention_mask: torch.Tensor | None = None,
     ) -> dict:
         """The probe's input at (rows, last), completing whichever stream the serving pass left out, uncached.
 
@@ -523,13 +550,14 @@ class SasaMixin:
         gate: the projected stream is run here (prompt only, no cache) when a wanted feature reads it.
         augment: the original stream's layers f+1..L-1 are run here when the unprojected logits or a
         multi-layer state above f are wanted. Only `per_layer[s]`, `per_layer[f]` and the probe layers
-        are read (every layer's output extends `per_layer`).
+        are read (every layer's output extends `per_layer`). `attention_mask` (2-D, past and chunk) keeps pads
+        out of the pooled feature's window.
         """
         settings = self.sasa
         f, num_layers = settings.semantic_layer, text_model.config.num_hidden_layers
         wanted = {settings.probe_features} if wanted is None else set(wanted)
         layers = list(settings.probe_layers) or default_probe_layers(num_layers)
-        needs_original = "logits" in wanted or ("multi-layer" in wanted and max(layers) > f)
+        needs_original = "logits" in wanted or (bool(wanted & set(MULTI_LAYER_FEATURES)) and max(layers) > f)
         if original is None and needs_original:
             original, more = self._run_layers(
                 text_model, per_layer[f], range(f + 1, num_layers), masks, rotary, text_pos, None
@@ -544,6 +572,12 @@ class SasaMixin:
             candidates["logits"] = self.lm_head(text_model.norm(original[rows, last]))
         if "multi-layer" in wanted:
             candidates["multi-layer"] = torch.cat([per_layer[layer][rows, last] for layer in layers], dim=-1)
+        if "multi-layer-pooled" in wanted:
+            seq_len = per_layer[layers[0]].shape[1]
+            weights = tail_weights(attention_mask, seq_len, last, POOLED_TOKENS)
+            lasts = [per_layer[layer][rows, last] for layer in layers]
+            candidates["multi-layer-pooled"] = torch.cat(
+                lasts + [tail_mean(per_layer[layer], weights) for layer in layers], dim=-1)
         return candidates
 
     def _projected_candidates(self, text_model, projected, rows, last) -> dict:

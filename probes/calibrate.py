@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from sasa_patcher.jsonl import write_jsonl
-from sasa_patcher.modeling_sasa import PROBE_FEATURES, PROJECTED_FEATURES, default_probe_layers
+from sasa_patcher.modeling_sasa import (
+    MULTI_LAYER_FEATURES,
+    PROBE_FEATURES,
+    PROJECTED_FEATURES,
+    default_probe_layers,
+)
 from sasa_patcher.patching import temporary_settings
 from sasa_patcher.probes.feature_cache import FeatureCache, has_room_for, sequence_bytes
 from sasa_patcher.probes.features import (
@@ -248,7 +253,7 @@ def calibrate(
     num_layers = model.config.get_text_config().num_hidden_layers
     probe_layers = [int(layer) for layer in (probe_layers or default_probe_layers(num_layers))]
     if list(model.sasa.probe_layers) != probe_layers:  # the extraction reads the multi-layer candidate's layers
-        if model.sasa.probe_features == "multi-layer":  # another width: the probe is refitted below anyway
+        if model.sasa.probe_features in MULTI_LAYER_FEATURES:  # another width: the probe is refitted below anyway
             write_probe(model, _untrained(model), feature="hidden", threshold=1.0, layers=None)
         model.set_sasa(dataclasses.replace(model.sasa, probe_layers=probe_layers))
     names = PROBE_FEATURES if features == "auto" else (features,)
@@ -362,7 +367,7 @@ def calibrate(
                        for name, figure in choice.figures.items()},
         "features_chosen_by": "transfer (mean of leave-one-category-out and leave-one-source-out AUROC)"
         if features == "auto" else "user",
-        "probe_layers": list(probe_layers) if feature == "multi-layer" else None,
+        "probe_layers": list(probe_layers) if feature in MULTI_LAYER_FEATURES else None,
         "policy": policy.to_dict(),
         "threshold_rule": {**rule.to_dict(), "rule": "largest k with P(Binomial(n_benign, target) <= k) <= "
                            "1 - confidence on the calibration split's benign scores, each prompt scored by a probe "
