@@ -180,8 +180,8 @@ def plot_transfer(report: dict, path: Path) -> bool:
     if not rows:
         return False
     rates = [value["rate"] for _, value in rows]
-    errors = [[rate - (value["low"] or rate) for rate, (_, value) in zip(rates, rows, strict=True)],
-              [(value["high"] or rate) - rate for rate, (_, value) in zip(rates, rows, strict=True)]]
+    errors = [[rate - value["low"] for rate, (_, value) in zip(rates, rows, strict=True)],
+              [value["high"] - rate for rate, (_, value) in zip(rates, rows, strict=True)]]
     colours = ["tab:red" if label.startswith("benign") else "tab:green" for label, _ in rows]
     figure, axis = plt.subplots(figsize=(8.0, 1.2 + 0.3 * len(rows)), constrained_layout=True)
     axis.barh(range(len(rows)), rates, xerr=errors, color=colours, capsize=2)

@@ -116,7 +116,11 @@ def wilson_interval(successes: int, n: int, confidence: float = DEFAULT_CONFIDEN
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends: centre - half is 0 only up to rounding when k = 0 (3.5e-18 at n = 100), and a bound on
+    # the wrong side of the rate breaks whatever draws it as an error bar
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def rate_with_interval(flags, confidence: float = DEFAULT_CONFIDENCE) -> dict:

@@ -49,5 +49,7 @@ def test_wilson_interval():
     assert 0.02 < low < 0.05 < high < 0.12
     assert wilson_interval(0, 0) is None
     assert wilson_interval(0, 10)[0] == 0.0
+    # exact at the ends, whatever the rounding (k = 0 of 100 gave a lower bound of 3.5e-18 above the rate)
+    assert all(wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0 for n in range(1, 400))
     rate = rate_with_interval([True, False, False, False])
     assert rate["rate"] == 0.25 and rate["k"] == 1 and rate["n"] == 4 and rate["low"] < 0.25 < rate["high"]
