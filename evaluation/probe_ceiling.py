@@ -13,9 +13,11 @@ threshold rule (`probes.thresholds.unseen_source_threshold`), for every candidat
 - the learning curve of that ceiling over growing shares of the calibration split: whether more of the same
   data would lift it.
 
-The candidates include states the graph does not read yet (the mean over the prompt's text tokens), so that
-a new graph feature is built only where it measurably helps. States come from the unpatched model's own
-forward (`output_hidden_states`): the patched model's original stream is that forward.
+The candidates are the graph's own (`logits`, `multi-layer`, `multi-layer-pooled`) and one it cannot read: the
+mean over the prompt's text tokens, which needs to know where an image's tokens are (the ONNX decoders get
+embeddings, not token ids), so that what an image mask would add is measured before anyone builds it. States
+come from the unpatched model's own forward (`output_hidden_states`): the patched model's original stream is
+that forward, and the pooled window is `modeling_sasa`'s own.
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ from tqdm.auto import tqdm
 from sasa_patcher.console import report_user_error
 from sasa_patcher.errors import UserInputError
 from sasa_patcher.export.atomic import atomic_file
-from sasa_patcher.modeling_sasa import default_probe_layers
+from sasa_patcher.modeling_sasa import (
+    POOLED_TOKENS,
+    default_probe_layers,
+    last_token_index,
+    tail_mean,
+    tail_weights,
+)
 from sasa_patcher.probes.features import batched, encode_prompts, length_order
 from sasa_patcher.probes.probe import fit_probe, make_estimator, quiet_fit
 from sasa_patcher.probes.splits import group_key, is_heldout, unit_hash
@@ -52,32 +60,37 @@ CURVE_REPEATS = 3
 def prompt_states(model, processor, prompts: Sequence, layers: Sequence[int], *, batch_size: int = 8,
                   progress: bool = True) -> dict[str, np.ndarray]:
     """Per prompt: the final logits and, for each of `layers` (decoder layer outputs), the state at the last
-    prompt position ("last", [N, len(layers), D]) and the mean over the prompt's text tokens ("text_mean": pad
-    and image placeholder positions left out, so an attached image does not swamp the request's words)."""
+    prompt position ("last", [N, len(layers), D]), the mean over the prompt's last `POOLED_TOKENS` positions
+    ("tail_mean", the graph's pooled window) and the mean over the prompt's text tokens ("text_mean": pad and
+    image placeholder positions left out, so an attached image does not swamp the request's words)."""
     image_token = model.config.image_token_id
-    found: dict[str, list] = {"logits": [], "last": [], "text_mean": []}
+    found: dict[str, list] = {"logits": [], "last": [], "tail_mean": [], "text_mean": []}
     order = length_order(prompts)
     for rows in tqdm(batched(order, batch_size), desc="prompt states", unit="batch", disable=not progress):
         batch = encode_prompts(processor, [prompts[i] for i in rows])
         output = model(**batch, output_hidden_states=True, use_cache=False)
         states = torch.stack([output.hidden_states[layer + 1] for layer in layers], 1).float()  # [B, K, T, D]
         text = (batch["attention_mask"].bool() & (batch["input_ids"] != image_token)).float()  # [B, T]
+        rows_here, seq_len = text.shape
+        last = last_token_index(batch["attention_mask"], seq_len, rows_here, text.device)
+        window = tail_weights(batch["attention_mask"], seq_len, last, POOLED_TOKENS)
         # copies: a slice would keep the whole batch's [B, T, V] logits and [B, K, T, D] states alive
         found["logits"].append(output.logits[:, -1].float().clone())
         found["last"].append(states[:, :, -1].clone())
+        found["tail_mean"].append(torch.stack([tail_mean(states[:, k], window) for k in range(len(layers))], 1))
         found["text_mean"].append((states * text[:, None, :, None]).sum(2) / text.sum(1)[:, None, None])
     inverse = np.argsort(np.asarray(order))
     return {name: torch.cat(parts).numpy()[inverse] for name, parts in found.items()}
 
 
 def candidates(states: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The features judged: the graph's `logits` and `multi-layer`, and the text-token mean (alone and beside
-    the last position's state) at the same layers."""
+    """The features judged: the graph's `logits`, `multi-layer` and `multi-layer-pooled` (as the graph orders
+    them), and the text-token mean beside the last position's state at the same layers."""
     flat = {name: value.reshape(len(value), -1) for name, value in states.items()}
     return {
         "logits": flat["logits"],
         "multi-layer": flat["last"],
-        "text-mean": flat["text_mean"],
+        "multi-layer-pooled": np.concatenate([flat["last"], flat["tail_mean"]], 1),
         "multi-layer+text-mean": np.concatenate([flat["last"], flat["text_mean"]], 1),
     }
 

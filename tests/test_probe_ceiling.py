@@ -7,8 +7,10 @@ import torch
 
 import tiny_models as tm
 from sasa_patcher.evaluation.probe_ceiling import best_tpr_at, candidates, judge, main, prompt_states
+from sasa_patcher.modeling_sasa import SasaSettings
+from sasa_patcher.patching import patch_model
 from sasa_patcher.probes.datasets import Prompt
-from sasa_patcher.probes.features import encode_prompts
+from sasa_patcher.probes.features import encode_prompts, extract_features
 from sasa_patcher.probes.splits import is_heldout
 from tiny_calibration import synthetic_prompts, tiny_processor
 
@@ -33,6 +35,12 @@ def test_states_batched_equal_a_direct_forward_of_each_prompt_alone(family_name,
         np.testing.assert_allclose(states["logits"][index], output.logits[0, -1].numpy(), atol=1e-4)
     flat = candidates(states)
     assert flat["multi-layer+text-mean"].shape == (7, 2 * len(layers) * tm.HIDDEN)
+    # the graph's own features of the same model, patched: what the ceiling judges is what calibration fits
+    patched = patch_model(model, SasaSettings(0, 2, probe_layers=layers))
+    graph = extract_features(patched, processor, prompts, candidates=["multi-layer", "multi-layer-pooled"],
+                             batch_size=4, progress=False).candidates
+    for name in ("multi-layer", "multi-layer-pooled"):
+        np.testing.assert_allclose(flat[name], graph[name].numpy(), atol=1e-5)
 
 
 def test_best_tpr_at_a_false_positive_rate():
