@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sasa_patcher.modeling_sasa import PROBE_FEATURES
 from sasa_patcher.probes.calibrate import calibrate
 from sasa_patcher.probes.features import encode_prompts
 from sasa_patcher.probes.splits import split
@@ -41,7 +42,7 @@ def test_auto_calibration_writes_everything_into_the_model(tmp_path):
         assert key in sasa["metrics"], key
     assert sasa["metrics"]["layers"] == [s, f] and sasa["metrics"]["features"] == report.feature
     assert sasa["metrics"]["auroc"] == report.heldout["auroc"]
-    assert set(report.candidates) == {"projected-logits", "logits", "hidden", "multi-layer"}
+    assert set(report.candidates) == set(PROBE_FEATURES)
     assert report.calibration["out_of_fold"]["fpr"] <= 0.1
     assert report.heldout["graph_vs_sklearn_max_abs"] <= 1e-5
     assert report.heldout["auroc"] > 0.8  # the word lists are easy for any model
