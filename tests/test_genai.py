@@ -131,9 +131,12 @@ def _expand(prompt: str, run: dict) -> str:
     return prompt.replace("\0", "")
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
-def test_genai_generates_like_pytorch(tmp_path_factory, tmp_path, family):
-    out, model, processor = exported(tmp_path_factory, family)
+@pytest.mark.parametrize(("family", "feature"), [("qwen2_5_vl", "projected-logits"), ("qwen2_vl", "projected-logits"),
+                                               ("qwen2_5_vl", "multi-layer-pooled")])
+def test_genai_generates_like_pytorch(tmp_path_factory, tmp_path, family, feature):
+    """GenAI's own loop against transformers, for the paper's probe feature and the pooled one (the pooled window
+    reads the attention mask GenAI feeds)."""
+    out, model, processor = exported(tmp_path_factory, family, feature)
     genai = json.loads((out / GENAI_CONFIG_NAME).read_text())
     assert genai["model"]["type"] == "qwen2_5_vl"
     assert genai["model"]["vision"]["config_filename"] == GENAI_PROCESSOR_NAME

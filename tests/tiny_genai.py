@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sasa_patcher.modeling_sasa import SasaSettings
+from sasa_patcher.modeling_sasa import MULTI_LAYER_FEATURES, SasaSettings
 from sasa_patcher.patching import patch_model
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -51,7 +51,7 @@ def tiny_processor():
     return image_only(Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tokenizer, chat_template=TEMPLATE)
 
 
-def tiny_model(family: str, tokenizer):
+def tiny_model(family: str, tokenizer, feature: str = "projected-logits"):
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -81,7 +81,9 @@ def tiny_model(family: str, tokenizer):
             if parameter.dim() >= 2:
                 parameter.mul_(3.0)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
-    patched = patch_model(model.eval(), SasaSettings(1, 2, mode="gate"), tokenizer)
+    layers = [1, 3] if feature in MULTI_LAYER_FEATURES else []
+    patched = patch_model(model.eval(), SasaSettings(1, 2, mode="gate", probe_features=feature, probe_layers=layers),
+                          tokenizer)
     weight = patched.sasa_probe.linear.weight
     weight.data = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3
     set_threshold_between(patched, tokenizer, HARMFUL, BENIGN)
@@ -115,23 +117,25 @@ def set_threshold_between(model, processor, harmful: str, benign: str) -> float:
     return threshold
 
 
-def export_tiny(out: Path, family: str = "qwen2_5_vl"):
-    """(patched model, processor) of the tiny `family`, exported as a GenAI-loadable ONNX directory `out`."""
+def export_tiny(out: Path, family: str = "qwen2_5_vl", feature: str = "projected-logits"):
+    """(patched model, processor) of the tiny `family` with its probe on `feature`, exported as a GenAI-loadable
+    ONNX directory `out`."""
     from sasa_patcher.export.onnx_export import export_onnx
 
     processor = tiny_processor()
-    model = tiny_model(family, processor.tokenizer)
+    model = tiny_model(family, processor.tokenizer, feature)
     export_onnx(model, processor, out, image_size=(56, 56), check_parity=False)
     return model, processor
 
 
-_EXPORTED: dict[str, tuple] = {}
+_EXPORTED: dict[tuple[str, str], tuple] = {}
 
 
-def exported(tmp_path_factory, family: str = "qwen2_5_vl") -> tuple[Path, object, object]:
-    """(ONNX directory, patched model, processor) of the tiny `family`, exported once per test session (read-only:
-    tests copy it before changing it)."""
-    if family not in _EXPORTED:
-        out = tmp_path_factory.mktemp(f"genai-{family}") / "onnx"
-        _EXPORTED[family] = (out, *export_tiny(out, family))
-    return _EXPORTED[family]
+def exported(tmp_path_factory, family: str = "qwen2_5_vl", feature: str = "projected-logits"
+             ) -> tuple[Path, object, object]:
+    """(ONNX directory, patched model, processor) of the tiny `family` with its probe on `feature`, exported once
+    per test session (read-only: tests copy it before changing it)."""
+    if (family, feature) not in _EXPORTED:
+        out = tmp_path_factory.mktemp(f"genai-{family}-{feature}") / "onnx"
+        _EXPORTED[(family, feature)] = (out, *export_tiny(out, family, feature))
+    return _EXPORTED[(family, feature)]
