@@ -51,8 +51,8 @@ MULTI_LAYER_FRACTIONS = (0.27, 0.4, 0.53, 0.67)
 # "multi-layer-pooled": per probe layer, the last prompt position's state and the mean over the last
 # POOLED_TOKENS prompt positions (pads left out). Why: an image placed before the text shifts the last
 # position's state; the tail of the prompt (the request's last words and the template) carries the intent
-# whatever came before it. 16 is what leave-one-source-out AUROC picked among 8, 16, 32 on smol-qwen-vl
-# (results/probe-ceiling.md). The window needs no image mask, so every runtime computes it from the
+# whatever came before it. 16 is what leave-one-source-out AUROC picked among 8, 16, 32 on smol-qwen-vl's
+# calibration split (results/calibration.md). The window needs no image mask, so every runtime computes it from the
 # attention mask alone.
 POOLED_TOKENS = 16
 MULTI_LAYER_FEATURES = ("multi-layer", "multi-layer-pooled")  # the features that read `probe_layers`
