@@ -3,7 +3,7 @@
 Why on disk: at 2B a calibration is an hour of CPU forwards; a killed run must not start again from
 zero. The files of one run live in a folder named by the content hash of what they depend on (the
 model's weights and SASA settings that the features read, the prompts in order, the batch size,
-the candidates), so a changed model or prompt set can never be served stale features.
+the candidates, the pooled window's length), so a changed model or prompt set can never be served stale features.
 
 With localised layers (`--layers auto`) the folder also holds every layer's output at every prompt
 position (`sequence-*.safetensors`): once localisation has chosen (s, f), the projected candidates
@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sasa_patcher.cache import user_cache_dir
+from sasa_patcher.modeling_sasa import POOLED_TOKENS
 from sasa_patcher.probes.features import image_sha256
 
 FORMAT_VERSION = 1
@@ -70,6 +71,8 @@ class FeatureCache:
             "prompts": prompts_digest(prompts),
             "batch_size": batch_size,
             "candidates": sorted(candidates),
+            # Code constants the features depend on but the weights do not carry.
+            "pooled_tokens": POOLED_TOKENS,
         }
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         return cls((root or user_cache_dir() / "features") / name)

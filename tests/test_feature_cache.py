@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sasa_patcher.modeling_sasa import PROJECTED_FEATURES
+from sasa_patcher.probes import feature_cache
 from sasa_patcher.probes.calibrate import calibrate
 from sasa_patcher.probes.feature_cache import FeatureCache, model_digest
 from sasa_patcher.probes.features import ForwardClock, extract_features, projected_features
@@ -118,3 +119,14 @@ def test_forward_clock_counts_every_prompt_of_every_pass(tmp_path):
     first = clock.seconds
     projected_features(model, processor, prompts, cache, batch_size=BATCH, progress=False, clock=clock)
     assert clock.prompts == 2 * len(prompts) and first < clock.seconds < time.perf_counter() - started
+
+
+def test_the_cache_key_follows_the_pooled_window(tmp_path, monkeypatch):
+    """The window is a code constant, not a weight: changing it must not serve features pooled over the old one."""
+    prompts = synthetic_prompts(8)
+    model = patched_tiny("qwen2_vl")
+    candidates = ("multi-layer-pooled",)
+    key = FeatureCache.for_run(model, prompts, batch_size=BATCH, candidates=candidates, root=tmp_path).directory
+    monkeypatch.setattr(feature_cache, "POOLED_TOKENS", feature_cache.POOLED_TOKENS * 2)
+    assert key != FeatureCache.for_run(model, prompts, batch_size=BATCH, candidates=candidates,
+                                       root=tmp_path).directory
