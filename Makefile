@@ -36,8 +36,8 @@ demo: install
 
 # Regenerates README's Results section: calibrate (builtin set; layers 11,13 are what localisation
 # picks on smol-qwen-vl, fixed here to save its ~10 minutes), evaluate on held-out data, benchmark.
-# The last complete run took about 45 minutes on 2 CPU cores; since the evaluation covers 7 prompt sets, a run on
-# a busy machine was still evaluating after 70 minutes. Run it on an otherwise idle machine (bench timings).
+# About 30 minutes on an otherwise idle 2-core machine (28 min on 2026-12-06: calibration 10.5, evaluation 9.3,
+# bench 9); a busy machine distorts the bench timings and can take over an hour. Run it on an idle one.
 results: install
 	$(PY) scripts/patch.py --model smol-qwen-vl --out $(RESULTS_ARTIFACT) --layers 11,13 --format safetensors --force
 	$(PY) scripts/evaluate.py smol-qwen-vl $(RESULTS_ARTIFACT) --out $(RESULTS)/evaluation --force
