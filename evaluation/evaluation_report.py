@@ -188,7 +188,7 @@ def plot_transfer(report: dict, path: Path) -> bool:
     axis.set_yticks(range(len(rows)), [f"{label} ({value['k']}/{value['n']})" for label, value in rows], fontsize=8)
     axis.invert_yaxis()
     axis.set_xlim(0, 1.05)
-    axis.set_xlabel("flagged at the artifact's threshold (red: benign, should be low; green: harmful, should be high)")
+    axis.set_xlabel("flagged at the artifact's threshold\n(red: benign, should be low; green: harmful, should be high)")
     axis.set_title(f"Real traffic and transfer: {report['base']}", fontsize=10)
     axis.grid(axis="x", alpha=0.3)
     figure.savefig(path, dpi=110)
