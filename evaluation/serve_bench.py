@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sasa_patcher.memory import current_rss_bytes
+from sasa_patcher.serving.protocol import REFUSED_FINISH_REASON
 
 PROMPTS = ["What is the capital of France?", "Describe this picture in one sentence.",
            "Give me three tips for a good night's sleep.", "How do I make a cup of tea?",
@@ -163,7 +164,7 @@ def is_harmful(index: int) -> bool:
 
 
 def refused(result: dict) -> bool:
-    return result["finish_reason"] == "content_filter"
+    return result["finish_reason"] == REFUSED_FINISH_REASON
 
 
 def summarize(load: dict) -> dict:
@@ -182,13 +183,13 @@ def summarize(load: dict) -> dict:
     tokens = sum((r["usage"] or {}).get("completion_tokens", 0) for r in ok)
     rss = load["rss_bytes"]
     first = rss.get("after_first_window", rss["start"])
+    harmful = [r for r in ok if is_harmful(r["index"])]
+    refusals, harmful_refusals = sum(map(refused, ok)), sum(map(refused, harmful))
     return {"requests": load["requests"], "concurrency": load["concurrency"], "max_tokens": load["max_tokens"],
             "answered": len(ok), "statuses": statuses, "errors": len(results) - len(ok),
-            "refusals": sum(refused(r) for r in ok),
-            "benign_requests": sum(not is_harmful(r["index"]) for r in ok),
-            "benign_refusals": sum(refused(r) for r in ok if not is_harmful(r["index"])),
-            "harmful_requests": sum(is_harmful(r["index"]) for r in ok),
-            "harmful_refusals": sum(refused(r) for r in ok if is_harmful(r["index"])),
+            "refusals": refusals, "benign_requests": len(ok) - len(harmful),
+            "benign_refusals": refusals - harmful_refusals,
+            "harmful_requests": len(harmful), "harmful_refusals": harmful_refusals,
             "image_requests": sum(r["index"] % 2 for r in results),
             "wall_seconds": load["wall_seconds"], "requests_per_second": len(ok) / load["wall_seconds"],
             "tokens_per_second": tokens / load["wall_seconds"], "completion_tokens": tokens,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_STOP_STRINGS = 4
+# The finish reason of an answer the graph's gate refused (OpenAI's name for a filtered completion).
+REFUSED_FINISH_REASON = "content_filter"
 
 
 class ApiError(Exception):

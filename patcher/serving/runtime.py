@@ -15,7 +15,7 @@ from typing import Any
 
 from sasa_patcher.export.genai import GenAiVlm
 from sasa_patcher.export.onnx_preprocess import ImageError
-from sasa_patcher.serving.protocol import invalid
+from sasa_patcher.serving.protocol import REFUSED_FINISH_REASON, invalid
 from sasa_patcher.serving.text import TextStream
 
 
@@ -123,7 +123,7 @@ class ServedModel:
         if rest:
             on_text(rest)
         text = stream.text
-        finish = ("content_filter" if flagged else "stop" if ended_by_eos or stream.stopped else "length")
+        finish = (REFUSED_FINISH_REASON if flagged else "stop" if ended_by_eos or stream.stopped else "length")
         return Outcome(text, finish, prepared.prompt_tokens, len(stream.tokens), unsafe_prob, flagged, seconds)
 
     def _generate(self, prepared: Prepared, max_new_tokens: int, on_token: Callable[[int], None]) -> tuple[float, bool]:
